@@ -1,0 +1,113 @@
+"""Typed options for the backend (``torch.compile(..., options={...})``) and for ``ksbackend.optimize``.
+
+Options arrive as loose dicts; they become frozen dataclasses here, and anything unknown or out of
+range is an error that lists what is valid, so a typo never silently turns a feature off.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class OptionError(ValueError):
+    pass
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise OptionError(f"option {name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _from_mapping(cls, mapping):
+    mapping = dict(mapping or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{n} ({_type_name(f.type)}, default {_default(f)!r})" for n, f in fields.items())
+        raise OptionError(f"unknown kernelstack option(s) {unknown}; valid options: {valid}")
+    hints = typing.get_type_hints(cls)
+    for name, value in mapping.items():
+        expected = hints[name]
+        if expected is bool and not isinstance(value, bool):
+            raise OptionError(f"option {name} must be a bool, got {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise OptionError(f"option {name} must be an int, got {value!r}")
+        if expected is float and not isinstance(value, (int, float)):
+            raise OptionError(f"option {name} must be a number, got {value!r}")
+        if typing.get_origin(expected) is tuple and isinstance(value, (list, tuple)):
+            mapping[name] = tuple(value)
+        elif typing.get_origin(expected) is tuple:
+            raise OptionError(f"option {name} must be a list, got {value!r}")
+    return cls(**mapping)
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the backend does with a captured graph."""
+
+    executor: str = "inductor"  # "inductor": compile what remains with Inductor; "fx": run the rewritten graph as is
+    disable_passes: tuple = ()  # names of built-in passes to switch off
+    extra_passes: tuple = ()  # GraphPass objects or functions fn(gm, result), run after the built-in ones
+    fuse_residual_add: bool = True  # fold the residual add into the RMSNorm that reads it
+    mode: typing.Optional[str] = None  # Inductor mode (HF's CompileConfig passes one)
+
+    @classmethod
+    def from_options(cls, options=None, mode=None) -> "BackendOptions":
+        opts = _from_mapping(cls, options)
+        if mode is not None:
+            opts = dataclasses.replace(opts, mode=mode)
+        opts.validate()
+        return opts
+
+    def validate(self):
+        _check_choice("executor", self.executor, ("inductor", "fx"))
+        _check_choice("mode", self.mode, INDUCTOR_MODES)
+        from passes import DEFAULT_PASSES
+
+        known = [p.name for p in DEFAULT_PASSES]
+        for name in self.disable_passes:
+            _check_choice("disable_passes entry", name, known)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What ``ksbackend.optimize`` sets up for ``generate``: the KV pool, buckets, kernels."""
+
+    page_size: int = 16  # tokens per KV page
+    max_kv_tokens: int = 0  # KV pool size in tokens; 0: size from kv_memory_fraction (GPU) or 65536 (CPU)
+    kv_memory_fraction: float = 0.5  # share of free device memory the pool may take when max_kv_tokens is 0
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (half the KV bytes; CUDA only)
+    max_batch_size: int = 256  # largest number of sequences in one step
+    decode_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes decode is padded up to
+    cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
+    backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
+
+    @classmethod
+    def from_options(cls, options=None) -> "RuntimeOptions":
+        opts = _from_mapping(cls, options)
+        opts.validate()
+        return opts
+
+    def validate(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise OptionError(f"option page_size={self.page_size} must be a power of two >= 1")
+        if self.max_kv_tokens < 0:
+            raise OptionError("option max_kv_tokens must be >= 0 (0 sizes the pool from kv_memory_fraction)")
+        if not 0.0 < self.kv_memory_fraction <= 0.95:
+            raise OptionError(f"option kv_memory_fraction={self.kv_memory_fraction} must be in (0, 0.95]")
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
+        if self.max_batch_size < 1:
+            raise OptionError("option max_batch_size must be >= 1")
+        if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:
+            raise OptionError(f"option decode_buckets={self.decode_buckets} must be increasing positive ints")
+        BackendOptions.from_options(self.backend_options)

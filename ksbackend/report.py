@@ -1,0 +1,94 @@
+"""The explain report: for every graph kernelstack compiled, what each pass matched, what it left and
+why, which kernelstack ops the graph now calls and which implementation each runs on that device,
+plus runtime decisions (fallbacks, buckets, recompiles) recorded while generating.
+
+``ksbackend.explain()`` returns it; ``print()`` it for a table.
+"""
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ksbackend")
+
+
+@dataclass
+class GraphReport:
+    index: int
+    device: str
+    executor: str
+    nodes_before: int
+    nodes_after: int = 0
+    passes: list = field(default_factory=list)  # PassResult
+    ops: dict = field(default_factory=dict)  # kernelstack op -> count in the final graph
+    implementations: dict = field(default_factory=dict)  # kernelstack op -> what runs it on this device
+    compile_ms: float = 0.0
+
+    def pass_result(self, name):
+        return next((p for p in self.passes if p.name == name), None)
+
+    def matched(self, name) -> int:
+        result = self.pass_result(name)
+        return len(result.matched) if result else 0
+
+    def to_text(self, verbose=False) -> str:
+        lines = [f"graph {self.index} on {self.device}: {self.nodes_before} -> {self.nodes_after} nodes, "
+                 f"executor {self.executor}, compiled in {self.compile_ms:.0f} ms"]
+        for p in self.passes:
+            status = f"FAILED and undone: {p.error}" if p.error else f"matched {len(p.matched)}, left {len(p.left)}"
+            lines.append(f"  pass {p.name:<13} {status} ({p.elapsed_ms:.1f} ms)")
+            if verbose:
+                lines += [f"      + {site}" for site in p.matched]
+            reasons = collections.Counter(reason for _, reason in p.left)
+            for reason, count in reasons.items():
+                example = next(site for site, r in p.left if r == reason)
+                lines.append(f"      - left {count}x: {reason} (e.g. {example})")
+        for op, count in sorted(self.ops.items()):
+            lines.append(f"  op {op:<28} x{count:<4} runs as: {self.implementations.get(op, '?')}")
+        return "\n".join(lines)
+
+
+@dataclass
+class ExplainReport:
+    graphs: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # runtime decisions, in order
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self, verbose=False) -> str:
+        if not self.graphs and not self.events:
+            return "kernelstack: nothing compiled yet"
+        parts = [g.to_text(verbose) for g in self.graphs]
+        if self.events:
+            counts = collections.Counter(self.events)
+            parts.append("runtime:\n" + "\n".join(f"  {e}" + (f" (x{n})" if n > 1 else "") for e, n in counts.items()))
+        return "\n".join(parts)
+
+    def matched(self, name) -> int:
+        return sum(g.matched(name) for g in self.graphs)
+
+
+class Recorder:
+    """Collects graph reports and runtime events (one process-wide, and one per optimized model)."""
+
+    def __init__(self, keep=256):
+        self.graphs = collections.deque(maxlen=keep)
+        self.events = collections.deque(maxlen=4 * keep)
+
+    def add_graph(self, report: GraphReport):
+        self.graphs.append(report)
+
+    def event(self, message: str, level=logging.INFO):
+        self.events.append(message)
+        log.log(level, "%s", message)
+
+    def snapshot(self) -> ExplainReport:
+        return ExplainReport(list(self.graphs), list(self.events))
+
+    def clear(self):
+        self.graphs.clear()
+        self.events.clear()
+
+
+GLOBAL = Recorder()
