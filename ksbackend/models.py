@@ -1,0 +1,73 @@
+"""Model configs the demo, tests and benchmarks build models from (random weights: nothing is downloaded).
+
+``tiny_config`` gives 2-layer GQA models of each supported family, small enough for CPU tests;
+``real_config`` gives the real shapes of the checkpoints users run, for GPU benchmarks.
+"""
+
+import torch
+import transformers
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+    "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+}
+
+_REAL = {
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                                   rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072)),
+    "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                   rope_theta=500000.0, max_position_embeddings=131072)),
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                                 max_position_embeddings=32768)),
+    "qwen3-8b": ("qwen3", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                               rope_theta=1e6, max_position_embeddings=40960)),
+    "mistral-7b": ("mistral", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                   rope_theta=1e6, sliding_window=None, max_position_embeddings=32768)),
+    "gemma-2b": ("gemma", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                               num_attention_heads=8, num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+                               max_position_embeddings=8192)),
+}
+REAL_MODELS = tuple(_REAL)
+
+
+def make_config(family: str, **overrides):
+    cls = getattr(transformers, _CONFIG_CLASSES[family])
+    return cls(**overrides)
+
+
+def tiny_config(family: str, **overrides):
+    """2 layers, hidden 64, 4 query / 2 KV heads (GQA), head size 16, 256-token vocab."""
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    if family == "mistral":
+        shape["sliding_window"] = None
+    if family == "gemma2":
+        shape.update(sliding_window=32, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    shape.update(overrides)
+    return make_config(family, **shape)
+
+
+def real_config(name: str, **overrides):
+    family, shape = _REAL[name]
+    return make_config(family, **{**shape, **overrides})
+
+
+def build_model(config, dtype=torch.float32, device="cpu", attn_implementation="sdpa", seed=0):
+    """A causal LM with random weights, in eval mode. Norm weights get random values too, so a rewrite
+    that ignores them (or Gemma's ``1 + w``) cannot pass by accident."""
+    torch.manual_seed(seed)
+    config._attn_implementation = attn_implementation
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0 if config.model_type.startswith("gemma") else 1.0, 0.1)
+    return model.eval()

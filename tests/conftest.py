@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+import torch._dynamo
+
+import ksbackend
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state():
+    """Each test starts with no cached Dynamo graphs and an empty explain report."""
+    torch._dynamo.reset()
+    ksbackend.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def compile_fx(model, **options):
+    """torch.compile through kernelstack, executing the rewritten graph as plain FX (fast on CPU)."""
+    return torch.compile(model, backend="kernelstack", options={"executor": "fx", **options})
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

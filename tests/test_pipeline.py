@@ -1,0 +1,148 @@
+"""The backend's contract: entry point, options, the mode= keyword, the pass API and its safety net."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ksbackend
+import passes
+from ksbackend.models import build_model, tiny_config
+from passes.base import is_op
+
+from .conftest import compile_fx
+
+
+def small_model_and_input(family="llama"):
+    model = build_model(tiny_config(family))
+    return model, torch.randint(3, 256, (2, 6))
+
+
+def test_backend_found_by_name_without_importing_ksbackend():
+    code = ("import torch; from torch._dynamo import list_backends; "
+            "assert 'kernelstack' in list_backends(), list_backends(); "
+            "f = torch.compile(lambda x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x, backend='kernelstack', "
+            "options={'executor': 'fx'}); x = torch.randn(3, 8); print(float((f(x) - x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_unknown_option_lists_valid_ones():
+    model, ids = small_model_and_input()
+    with pytest.raises(Exception, match="unknown kernelstack option.*executor"):
+        compile_fx(model, exectuor="fx")(ids)
+
+
+def test_bad_option_value_lists_choices():
+    with pytest.raises(ksbackend.OptionError, match="choose one of"):
+        ksbackend.BackendOptions.from_options({"executor": "tvm"})
+    with pytest.raises(ksbackend.OptionError, match="choose one of"):
+        ksbackend.BackendOptions.from_options({"disable_passes": ["no_such_pass"]})
+    with pytest.raises(ksbackend.OptionError, match="must be a bool"):
+        ksbackend.BackendOptions.from_options({"fuse_residual_add": "yes"})
+
+
+def test_mode_keyword_from_hf_compile_config():
+    """HF's CompileConfig calls the backend with mode=...; it must be accepted."""
+    model, ids = small_model_and_input()
+    gm_calls = []
+
+    def capture(gm, example_inputs):
+        gm_calls.append(gm)
+        return ksbackend.kernelstack_backend(gm, example_inputs, mode="default", options={"executor": "fx"})
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=capture)(ids).logits
+    assert gm_calls and torch.allclose(out, ref, atol=1e-4)
+    with pytest.raises(ksbackend.OptionError, match="mode"):
+        ksbackend.BackendOptions.from_options(None, mode="turbo")
+
+
+def test_failing_pass_is_undone_and_reported():
+    model, ids = small_model_and_input()
+
+    def breaks_halfway(gm, result):
+        for node in list(gm.graph.nodes):
+            if is_op(node, "rsqrt"):
+                node.replace_all_uses_with(node.args[0])  # a wrong rewrite...
+                raise RuntimeError("bug in user pass")    # ...then a crash: it must not survive
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = compile_fx(model, disable_passes=["rms_norm"], extra_passes=[breaks_halfway])(ids).logits
+    result = ksbackend.explain().graphs[0].pass_result("breaks_halfway")
+    assert result.error and "bug in user pass" in result.error
+    assert "FAILED and undone" in str(ksbackend.explain())
+    assert (out - ref).abs().max() <= 1e-4
+
+
+def test_user_pass_registered_before_builtin_sees_original_graph():
+    model, ids = small_model_and_input()
+
+    def count_rsqrt(gm, result):
+        for node in gm.graph.nodes:
+            if is_op(node, "rsqrt"):
+                result.match(node.name)
+
+    passes.register_pass(count_rsqrt, before="rms_norm")
+    try:
+        assert [p.name for p in passes.DEFAULT_PASSES].index("count_rsqrt") < [p.name for p in passes.DEFAULT_PASSES].index("rms_norm")
+        with torch.no_grad():
+            compile_fx(model)(ids)
+        report = ksbackend.explain()
+        assert report.matched("count_rsqrt") == 5 and report.matched("rms_norm") == 5
+        with pytest.raises(ValueError, match="already registered"):
+            passes.register_pass(count_rsqrt)
+    finally:
+        passes.unregister_pass("count_rsqrt")
+    assert "count_rsqrt" not in [p.name for p in passes.DEFAULT_PASSES]
+
+
+def test_pass_hash_is_stable_and_distinct():
+    hashes = [p.source_hash() for p in passes.DEFAULT_PASSES]
+    assert hashes == [p.source_hash() for p in passes.DEFAULT_PASSES]
+    assert len(set(hashes)) == len(hashes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_inductor_executor_end_to_end(family):
+    """The default executor: Inductor compiles what remains around the kernelstack ops."""
+    model, ids = small_model_and_input(family)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend="kernelstack")(ids).logits
+    graph = ksbackend.explain().graphs[0]
+    assert graph.executor == "inductor" and graph.matched("attention") == 2
+    assert (out - ref).abs().max() <= 1e-4
+
+
+class RotaryEmbedding517(torch.nn.Module):
+    """transformers 5.17's LlamaRotaryEmbedding.forward, written as it is there (matmul form)."""
+
+    def __init__(self, dim=16, base=10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.attention_scaling = 1.0
+
+    def forward(self, x, position_ids):
+        inv_freq_expanded = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1).to(dtype=torch.float, device=x.device)
+        position_ids_expanded = position_ids[:, None, :].float()
+        with torch.autocast(device_type="cpu", enabled=False):
+            freqs = (inv_freq_expanded @ position_ids_expanded).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def test_rope_table_in_the_transformers_517_form():
+    rotary = RotaryEmbedding517()
+    x, pos = torch.randn(2, 5, 16), torch.arange(5).repeat(2, 1) + torch.tensor([[0], [3]])
+    ref = rotary(x, pos)
+    out = compile_fx(rotary)(x, pos)
+    assert ksbackend.explain().matched("rope_cos_sin") == 1
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
