@@ -38,3 +38,7 @@ def reset() -> None:
 
 
 __all__ = ["kernelstack_backend", "explain", "reset", "BackendOptions", "RuntimeOptions", "OptionError", "ExplainReport"]
+
+from .hf import optimize  # noqa: E402  (needs the backend defined above)
+
+__all__.append("optimize")

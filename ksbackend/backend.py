@@ -13,6 +13,7 @@ import time
 import torch
 
 from passes import DEFAULT_PASSES, RMSNormPass, as_pass, run_passes
+from passes.base import kernelstack_op
 
 from . import ops
 from .config import BackendOptions
@@ -62,10 +63,7 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
     report = GraphReport(index=len(GLOBAL.graphs), device=device, executor=opts.executor,
                          nodes_before=len(gm.graph.nodes))
     report.passes = run_passes(gm, select_passes(opts))
-    counts = collections.Counter(
-        n.target.name() for n in gm.graph.nodes
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == ops.OP_NAMESPACE
-    )
+    counts = collections.Counter(name for name in map(kernelstack_op, gm.graph.nodes) if name)
     report.ops = dict(counts)
     report.implementations = {name: ops.implementation(name, device) for name in counts}
     report.nodes_after = len(gm.graph.nodes)

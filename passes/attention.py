@@ -16,7 +16,7 @@ import torch
 
 from ksbackend.ops import attention as _attention_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, dtype_of, erase_unused, is_op, op_name, other_operand, shape_of
+from .base import GraphPass, arg, describe, dtype_of, erase_unused, is_op, kernelstack_op, op_name, other_operand, shape_of
 
 ks = torch.ops.kernelstack
 
@@ -40,9 +40,7 @@ class AttentionPass(GraphPass):
     name = "attention"
 
     def run(self, gm, result):
-        already = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ks.paged_attention.default] \
-            if hasattr(ks, "paged_attention") else []
-        for node in already:
+        for node in [n for n in gm.graph.nodes if kernelstack_op(n) == "kernelstack::paged_attention"]:
             result.match(f"{describe(node)}: paged attention (already placed by kernelstack's HF attention interface)")
         for node in list(gm.graph.nodes):
             if is_op(node, "sdpa"):

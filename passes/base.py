@@ -47,6 +47,17 @@ def op_name(node) -> str | None:
     return None
 
 
+def kernelstack_op(node) -> str | None:
+    """'kernelstack::name' if the node calls a kernelstack op (Dynamo records the packet, passes the overload)."""
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            target = target.overloadpacket
+        if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("kernelstack::"):
+            return target._qualified_op_name
+    return None
+
+
 def is_op(node, *names: str) -> bool:
     return op_name(node) in names
 

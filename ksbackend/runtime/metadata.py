@@ -1,0 +1,74 @@
+"""Per-step batch metadata in the CSR form FlashInfer takes (and the CPU reference reads).
+
+For a step over sequences b = 0..B-1, each appending ``new_tokens[b]`` tokens to a cache that then
+holds ``kv_lens[b]`` tokens in pages ``page_tables[b]``:
+- ``qo_indptr[b]:qo_indptr[b+1]`` are b's query (new) tokens in the flattened token stream;
+- ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` are b's pages, in order;
+- ``kv_last_page_len[b]`` is how many slots of b's last page are filled (1..page_size);
+- ``positions[t]`` is token t's position in its sequence, ``slots[t]`` its flat slot in the pool
+  (page * page_size + offset), where its K/V are written.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchMetadata:
+    qo_indptr: torch.Tensor  # [B + 1] int32
+    kv_indptr: torch.Tensor  # [B + 1] int32
+    kv_indices: torch.Tensor  # [total pages] int32
+    kv_last_page_len: torch.Tensor  # [B] int32
+    kv_lens: torch.Tensor  # [B] int32
+    positions: torch.Tensor  # [N] int64
+    slots: torch.Tensor  # [N] int64
+    batch_indices: torch.Tensor  # [N] int32: which sequence each token belongs to
+    page_size: int
+    max_q_len: int
+    max_kv_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_lens.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+    def to(self, device) -> "BatchMetadata":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return BatchMetadata(**moved)
+
+
+def build_batch_metadata(page_tables, kv_lens, new_tokens, page_size) -> BatchMetadata:
+    """Build the CSR metadata on the host (plain Python ints in, int tensors out)."""
+    if not (len(page_tables) == len(kv_lens) == len(new_tokens)):
+        raise ValueError("page_tables, kv_lens and new_tokens must have one entry per sequence")
+    qo_indptr, kv_indptr, indices, last_len = [0], [0], [], []
+    positions, slots, batch_indices = [], [], []
+    for b, (pages, length, new) in enumerate(zip(page_tables, kv_lens, new_tokens)):
+        needed = -(-length // page_size)
+        if new < 1 or new > length or len(pages) < needed:
+            raise ValueError(f"sequence {b}: {new} new of {length} tokens does not fit {len(pages)} pages of {page_size}")
+        pages = list(pages[:needed])
+        indices += pages
+        qo_indptr.append(qo_indptr[-1] + new)
+        kv_indptr.append(kv_indptr[-1] + needed)
+        last_len.append(length - (needed - 1) * page_size)
+        for pos in range(length - new, length):
+            positions.append(pos)
+            slots.append(pages[pos // page_size] * page_size + pos % page_size)
+            batch_indices.append(b)
+    i32 = dict(dtype=torch.int32)
+    return BatchMetadata(
+        qo_indptr=torch.tensor(qo_indptr, **i32), kv_indptr=torch.tensor(kv_indptr, **i32),
+        kv_indices=torch.tensor(indices, **i32), kv_last_page_len=torch.tensor(last_len, **i32),
+        kv_lens=torch.tensor(list(kv_lens), **i32), positions=torch.tensor(positions, dtype=torch.int64),
+        slots=torch.tensor(slots, dtype=torch.int64), batch_indices=torch.tensor(batch_indices, **i32),
+        page_size=page_size, max_q_len=max(new_tokens), max_kv_len=max(kv_lens),
+    )

@@ -1,0 +1,172 @@
+"""ksbackend.optimize(model).generate(...) against HF eager generate, on CPU in fp32."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                     TopPLogitsWarper)
+
+import ksbackend
+from ksbackend.models import FAMILIES, build_model, tiny_config
+from ksbackend.runtime.kv_pool import KVPoolExhausted
+
+FX = {"backend_options": {"executor": "fx"}}
+
+
+def ragged_batch(lengths, vocab=256, pad=0):
+    """Left-padded prompts of the given lengths, as a tokenizer would return them."""
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width))
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, width - length:] = 1
+    ids[mask == 0] = pad
+    return ids, mask
+
+
+def hf_and_kernelstack(family, calls, **gen):
+    model = build_model(tiny_config(family))
+    batches = [ragged_batch(lengths) for lengths in calls]
+    refs = [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
+    ksbackend.optimize(model, **FX)
+    outs = [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
+    return model, refs, outs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_is_token_identical_to_hf_across_calls(family):
+    calls = [[5, 9, 3, 12, 7], [6], [4, 10, 8]]
+    model, refs, outs = hf_and_kernelstack(family, calls, max_new_tokens=32, do_sample=False)
+    for ref, out in zip(refs, outs):
+        assert ref.shape == out.shape and ref.shape[1] >= 32
+        assert torch.equal(ref, out)
+    report = ksbackend.explain(model)
+    assert len(report.graphs) <= 3, report  # dynamic token dim: no recompile per call, step or batch size
+    assert report.matched("attention") == 2 * len(report.graphs)
+    assert model._kernelstack_engine.pool.allocator.num_used == 0  # every page came back
+
+
+def test_eos_stops_sequences_and_pads_like_hf():
+    model = build_model(tiny_config("llama"))
+    ids, mask = ragged_batch([4, 7, 5])
+    free_run = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    eos = int(free_run[1, ids.shape[1] + 3])  # a token row 1 emits early: it will stop there
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    ksbackend.optimize(model, **FX)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(ref, out)
+    assert (out[1, ids.shape[1] + 4:] == 0).all()  # finished row is padded after its eos
+    assert "prefill: 3 sequences, 16 tokens (5 pad tokens skipped)" in str(ksbackend.explain(model))
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = build_model(tiny_config("qwen2"))
+    ksbackend.optimize(model, **FX)
+    ids, mask = ragged_batch([6, 3])
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                  min_p=0.02, pad_token_id=0)
+    torch.manual_seed(7)
+    first = model.generate(ids, **kwargs)
+    torch.manual_seed(7)
+    second = model.generate(ids, **kwargs)
+    torch.manual_seed(8)
+    third = model.generate(ids, **kwargs)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    model = build_model(tiny_config("mistral"))
+    ids, mask = ragged_batch([5, 8])
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ksbackend.optimize(model, **FX)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1, pad_token_id=0)
+    assert torch.equal(greedy, sampled)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(0.7, 50, 0.9, 0.0), (1.3, 0, 0.5, 0.0),
+                                                           (1.0, 10, 1.0, 0.1), (0.5, 3, 0.8, 0.05)])
+def test_sampler_keeps_exactly_what_hf_warpers_keep(temperature, top_k, top_p, min_p):
+    from ksbackend.ops.sampling import sampling_mask
+
+    logits = torch.randn(6, 300) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    allowed = torch.isfinite(scores)
+    params = [torch.full((6,), v) for v in (temperature, top_k, top_p, min_p)]
+    params[1] = params[1].long()
+    _, mask = sampling_mask(logits, *params)
+    assert torch.equal(mask, allowed)
+    for _ in range(50):  # and sampling never leaves the allowed set
+        tokens = torch.ops.kernelstack.sample(logits, *params, torch.rand(6))
+        assert allowed.gather(1, tokens[:, None]).all()
+
+
+def test_kv_pool_exhausted_says_how_to_size_it_and_corrupts_nothing():
+    model = build_model(tiny_config("llama"))
+    ksbackend.optimize(model, max_kv_tokens=64, page_size=16, **FX)
+    ids, mask = ragged_batch([30, 30, 30])
+    with pytest.raises(KVPoolExhausted, match="max_kv_tokens"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    pool = model._kernelstack_engine.pool
+    assert pool.allocator.num_used == 0 and not pool.sequences
+    small_ids, small_mask = ragged_batch([10, 6])
+    out = model.generate(small_ids, attention_mask=small_mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model._kernelstack_engine.original_generate(small_ids, attention_mask=small_mask, max_new_tokens=8,
+                                                      do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_kv_memory_follows_real_tokens_not_padding():
+    model = build_model(tiny_config("llama"))
+    ksbackend.optimize(model, page_size=4, **FX)
+    lengths, new = [3, 61, 4, 5, 2], 8
+    ids, mask = ragged_batch(lengths)
+    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=None, do_sample=False, pad_token_id=0)
+    pool = model._kernelstack_engine.pool
+    real_pages = sum(-(-(n + new) // 4) for n in lengths)
+    padded_pages = len(lengths) * -(-(max(lengths) + new) // 4)
+    assert pool.allocator.high_water <= real_pages
+    assert pool.allocator.high_water >= real_pages - len(lengths)  # at most each row's last step short
+    assert pool.allocator.high_water * 3 < padded_pages  # a padded cache would take > 3x the memory here
+
+
+def test_unsupported_family_falls_back_with_warning():
+    model = build_model(tiny_config("gemma2"), attn_implementation="eager")
+    ids, mask = ragged_batch([5, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="not supported"):
+        ksbackend.optimize(model)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0), ref)
+    assert "gemma2" in str(ksbackend.explain(model))
+
+
+def test_unsupported_generate_setting_falls_back_with_reason():
+    model = build_model(tiny_config("llama"))
+    ids, mask = ragged_batch([5, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=0)
+    ksbackend.optimize(model, **FX)
+    with pytest.warns(UserWarning, match="num_beams=2"):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert "num_beams=2" in str(ksbackend.explain(model))
+
+
+def test_batch_above_max_batch_size_is_a_clear_error():
+    model = build_model(tiny_config("llama"))
+    ksbackend.optimize(model, max_batch_size=2, **FX)
+    ids, mask = ragged_batch([3, 3, 3])
+    with pytest.raises(ValueError, match="max_batch_size=3"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_bad_runtime_option_is_an_error():
+    model = build_model(tiny_config("llama"))
+    with pytest.raises(ksbackend.OptionError, match="page_size"):
+        ksbackend.optimize(model, page_size=12)
+    with pytest.raises(ksbackend.OptionError, match="unknown kernelstack option"):
+        ksbackend.optimize(model, kv_tokens=100)
