@@ -11,9 +11,11 @@ import logging
 from . import ops  # noqa: F401  (registers torch.ops.kernelstack.*)
 from .backend import kernelstack_backend
 from .config import BackendOptions, OptionError, RuntimeOptions
+from .kernels import register_cuda_kernels
 from .report import GLOBAL as _GLOBAL_RECORDER
 from .report import ExplainReport
 
+register_cuda_kernels()
 logging.getLogger("ksbackend").addHandler(logging.NullHandler())
 
 try:  # TORCH_LOGS="ksbackend" (INFO) / "+ksbackend" (DEBUG), like torch's own components

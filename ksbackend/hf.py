@@ -115,16 +115,38 @@ class GenerateEngine:
         tokens = opts.max_kv_tokens or self._default_kv_tokens(bytes_per_token)
         self.pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                            -(-tokens // opts.page_size), opts.page_size, kv_dtype, self.device)
-        self.attention = None
-        if self.device.type == "cuda":
-            from .runtime.flashinfer_attention import FlashInferAttention
+        self.attention = self._device_attention(model, cfg)
+        self.graphs = None
+        if self.attention is not None and opts.cuda_graphs:
+            from .runtime.cuda_graphs import DecodeGraphRunner
 
-            self.attention = FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, recorder)
+            self.graphs = DecodeGraphRunner(self, [b for b in opts.decode_buckets if b <= opts.max_batch_size])
         self._seq_ids = itertools.count()
         backend = functools.partial(kernelstack_backend, options=dict(opts.backend_options))
         self.compiled_forward = torch.compile(self._forward, backend=backend)
         recorder.event(f"KV pool: {self.pool.num_pages} pages x {opts.page_size} tokens ({self.pool.capacity_tokens} tokens, "
                        f"{bytes_per_token * self.pool.capacity_tokens / 2**20:.0f} MiB, {kv_dtype}) on {self.device}")
+
+    def _device_attention(self, model, cfg):
+        """FlashInfer on CUDA; the reference (correct, slow) where FlashInfer cannot serve, said in the report."""
+        if self.device.type != "cuda":
+            return None
+        from .runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+
+        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+        windows = {getattr(m, "sliding_window", None) for m in layers}
+        try:
+            if len(windows) > 1:
+                raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
+            window = windows.pop() if windows else None
+            return FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
+                                       window - 1 if window else -1, self.recorder)
+        except UnsupportedAttention as exc:
+            self.recorder.event(f"paged attention runs the plain-torch reference on {self.device}: {exc}", logging.WARNING)
+            return None
+
+    def model_attention(self):
+        return _attention_implementation(self.model, ATTN_IMPLEMENTATION)
 
     def _default_kv_tokens(self, bytes_per_token):
         if self.device.type != "cuda":
@@ -137,17 +159,21 @@ class GenerateEngine:
                           use_cache=False).logits
 
     def _step(self, tokens, meta, logits_to_keep):
+        if meta.is_decode and self.graphs is not None and self.graphs.bucket_for(meta.num_seqs) is not None:
+            try:
+                return self.graphs.run(tokens, meta)
+            except Exception as exc:  # capture failed: decode stays correct, just without graphs
+                self.graphs = None
+                self.recorder.event(f"decode CUDA graphs disabled after an error: {type(exc).__name__}: {exc}", logging.WARNING)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
         positions = meta.positions.to(self.device)[None]
         keep = logits_to_keep.to(self.device)
         for t in (ids, positions):
             torch._dynamo.maybe_mark_dynamic(t, 1)
         torch._dynamo.maybe_mark_dynamic(keep, 0)
-        meta = meta.to(self.device)
         if self.attention is not None:
-            self.attention.plan(meta)
-        with forward_context(ForwardContext(self.pool, meta, self.attention)), \
-                _attention_implementation(self.model, ATTN_IMPLEMENTATION), recording_into(self.recorder):
+            self.attention.plan(meta)  # on the host metadata, before the step's kernels
+        with forward_context(ForwardContext(self.pool, meta.to(self.device), self.attention)), self.model_attention():
             return self.compiled_forward(ids, positions, keep)[0].float()
 
     # -- generate -----------------------------------------------------------------------------------
@@ -170,7 +196,7 @@ class GenerateEngine:
             warnings.warn(message, stacklevel=2)
             self.recorder.event(message, logging.WARNING)
             return self.original_generate(input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs)
-        with torch.inference_mode():
+        with torch.inference_mode(), recording_into(self.recorder):
             return self._generate(input_ids, attention_mask, gen)
 
     def _generate(self, input_ids, attention_mask, gen):

@@ -53,7 +53,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
                     window_left: int) -> torch.Tensor:
     ctx = get_forward_context()
     if ctx.attention is not None:
-        return ctx.attention.run(q, k, v, layer, scale, window_left)
+        return ctx.attention.run(q, k, v, layer, scale, window_left, ctx.meta)
     return paged_attention_reference(q, k, v, layer, scale, window_left, ctx.pool, ctx.meta)
 
 

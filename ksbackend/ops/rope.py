@@ -15,18 +15,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def token_major_like(x: torch.Tensor, dtype) -> torch.Tensor:
+    """An empty [B, H, T, D] tensor laid out as [B, T, H, D] (the projection's own layout), whatever x's
+    strides: the paged attention path then reads q/k as [tokens, heads, dim] without a copy, and the
+    layout is fixed, so fake and real outputs agree for Inductor."""
+    if x.dim() != 4:
+        return x.new_empty(x.shape, dtype=dtype)
+    b, h, t, d = x.shape
+    return x.new_empty((b, t, h, d), dtype=dtype).transpose(1, 2)
+
+
 @torch.library.custom_op("kernelstack::rope", mutates_args=())
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out = q * cos + rotate_half(q) * sin
-    k_out = k * cos + rotate_half(k) * sin
-    return q_out.contiguous(), k_out.contiguous()
+    q_out = token_major_like(q, torch.promote_types(q.dtype, cos.dtype))
+    k_out = token_major_like(k, torch.promote_types(k.dtype, cos.dtype))
+    q_out.copy_(q * cos + rotate_half(q) * sin)
+    k_out.copy_(k * cos + rotate_half(k) * sin)
+    return q_out, k_out
 
 
 @rope.register_fake
 def _(q, k, cos, sin):
-    q_dtype = torch.promote_types(q.dtype, cos.dtype)
-    k_dtype = torch.promote_types(k.dtype, cos.dtype)
-    return q.new_empty(q.shape, dtype=q_dtype), k.new_empty(k.shape, dtype=k_dtype)
+    return (token_major_like(q, torch.promote_types(q.dtype, cos.dtype)),
+            token_major_like(k, torch.promote_types(k.dtype, cos.dtype)))
 
 
 @torch.library.custom_op("kernelstack::rope_cos_sin", mutates_args=())

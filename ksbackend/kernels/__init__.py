@@ -1,0 +1,49 @@
+"""Triton kernels: the CUDA implementations of kernelstack's ops (generated from chains where the op
+is a chain: norms, activations; hand-written where layout is the point: RoPE).
+
+``register_cuda_kernels`` attaches them to the op contracts; Triton is imported only when a kernel
+first runs, so the CPU path never needs it.
+"""
+
+import torch
+
+from .. import ops
+
+
+def _rms_norm(x, weight, eps, weight_offset, cast_to, out_dtype):
+    from .rms_norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps, weight_offset, cast_to, out_dtype)
+
+
+def _add_rms_norm(x, residual, weight, eps, weight_offset, cast_to, out_dtype):
+    from .rms_norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps, weight_offset, cast_to, out_dtype, residual=residual)
+
+
+def _act_and_mul(gate, up, activation):
+    from .act_and_mul import act_and_mul_triton
+
+    return act_and_mul_triton(gate, up, activation)
+
+
+def _rope(q, k, cos, sin):
+    from .rope import rope_triton
+
+    return rope_triton(q, k, cos, sin)
+
+
+def register_cuda_kernels():
+    for name, fn, what in [
+        ("rms_norm", _rms_norm, "generated Triton row kernel"),
+        ("add_rms_norm", _add_rms_norm, "generated Triton row kernel (residual add fused)"),
+        ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
+        ("rope", _rope, "Triton kernel (q and k in one launch)"),
+    ]:
+        torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
+        ops.register_implementation(name, "cuda", what)
+    ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill, tensor-core paged decode)")
+    ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
+    ops.register_implementation("rope_cos_sin", "cuda", "torch pointwise ops (fused by Inductor)")
+    ops.register_implementation("sample", "cuda", "torch sort/cumsum sampler")

@@ -1,0 +1,112 @@
+"""Turns a matched chain (pointwise ops and at most one row reduction) into a Triton kernel.
+
+A chain is a tuple of SSA statements over named inputs, e.g. RMSNorm with its residual add:
+
+    ("load", "x"), ("load", "r"), ("add", "s", "x", "r"), ("store", "sum", "s"),
+    ("f32", "sf", "s"), ("mean_sq", "var", "sf"), ("add_arg", "ve", "var", "eps"), ("rsqrt", "inv", "ve"), ...
+
+Row chains (with a reduction) run one program per row with the whole row in registers; pointwise
+chains run over flat blocks. The generated source is written to a cache directory and imported (Triton
+needs real source files), and compiled kernels are cached by the chain's structure, so every model
+whose chain has the same shape shares one kernel. Launch shapes (block, warps) are chosen per call
+from the row length, never fixed in the source.
+"""
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+
+import torch
+
+_TL_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
+_EXPRS = {
+    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}",
+    "f32": "{0}.to(tl.float32)", "rsqrt": "1.0 / tl.sqrt({0})",
+    "silu": "{0} / (1.0 + tl.exp(-{0}))",
+    # tanh(z) = 2 * sigmoid(2z) - 1: Triton has no tanh in every version
+    "gelu_tanh": "0.5 * {0} * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * (0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0})))) - 1.0))",
+    "add_const": "{0} + {1}", "add_arg": "{0} + {1}",
+}
+_cache: dict = {}
+_CACHE_DIR = os.environ.get("KERNELSTACK_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), "kernelstack_kernels"))
+
+
+def _render(chain, row: bool):
+    loads = [s[1] for s in chain if s[0] == "load"]
+    vectors = [s[1] for s in chain if s[0] == "load_vec"]
+    stores = [s[1] for s in chain if s[0] == "store"]
+    args = sorted({s[3] for s in chain if s[0] == "add_arg"})
+    params = [f"{n}_ptr" for n in loads + vectors + stores] + [f"{n}_stride" for n in loads + stores] + ["n_cols"] + args
+    body = []
+    if row:
+        body += ["row = tl.program_id(0).to(tl.int64)", "cols = tl.arange(0, BLOCK)", "mask = cols < n_cols"]
+    else:
+        body += ["offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)", "mask = offs < n_cols"]
+    for stmt in chain:
+        op = stmt[0]
+        if op == "load":
+            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols" if row else f"{stmt[1]}_ptr + offs"
+            body.append(f"{stmt[1]} = tl.load({where}, mask=mask, other=0.0)")
+        elif op == "load_vec":
+            body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + cols, mask=mask, other=0.0)")
+        elif op == "store":
+            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols" if row else f"{stmt[1]}_ptr + offs"
+            body.append(f"tl.store({where}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")
+        elif op == "cast":
+            body.append(f"{stmt[1]} = {stmt[2]}.to({_TL_DTYPES[stmt[3]]}).to(tl.float32)")
+        elif op == "mean_sq":
+            body.append(f"{stmt[1]} = tl.sum({stmt[2]} * {stmt[2]}, axis=0) / n_cols")
+        else:
+            body.append(f"{stmt[1]} = " + _EXPRS[op].format(*stmt[2:]))
+    source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+              f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n" + "".join(f"    {line}\n" for line in body))
+    return source, loads, vectors, stores, args
+
+
+def compile_chain(chain: tuple):
+    """The Triton kernel for ``chain`` (generated, written, imported once per structure)."""
+    if chain in _cache:
+        return _cache[chain]
+    row = any(s[0] == "mean_sq" for s in chain)
+    source, loads, vectors, outputs, args = _render(chain, row)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    os.makedirs(_CACHE_DIR, exist_ok=True)
+    path = os.path.join(_CACHE_DIR, f"ks_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"ks_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _cache[chain] = GeneratedKernel(module.kernel, row, loads, vectors, outputs, args, source)
+    return _cache[chain]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class GeneratedKernel:
+    def __init__(self, fn, row, loads, vectors, outputs, args, source):
+        self.fn, self.row, self.source = fn, row, source
+        self.loads, self.vectors, self.outputs, self.args = loads, vectors, outputs, args
+
+    def launch_shape(self, n_cols, total):
+        """Row kernels: the whole row in one block, more warps for longer rows (one warp per ~256
+        elements keeps ~8 live values per thread). Pointwise: 1K or 4K-element blocks by size."""
+        if self.row:
+            block = next_power_of_2(n_cols)
+            return (total // n_cols,), block, max(1, min(16, block // 256))
+        block = 1024 if total < 1 << 20 else 4096
+        return ((total + block - 1) // block,), block, 4 if block == 1024 else 8
+
+    def __call__(self, tensors: dict, n_cols: int, **scalars):
+        """tensors: name -> tensor. Row chains: [rows, n_cols] views with unit column stride (vectors
+        [n_cols]); pointwise chains: flat contiguous tensors and n_cols = their length."""
+        grid, block, warps = self.launch_shape(n_cols, tensors[self.outputs[0]].numel())
+        pointers = [tensors[n] for n in self.loads + self.vectors + self.outputs]
+        strides = [tensors[n].stride(0) if self.row else 0 for n in self.loads + self.outputs]
+        self.fn[grid](*pointers, *strides, n_cols, *[scalars[a] for a in self.args], BLOCK=block, num_warps=warps)

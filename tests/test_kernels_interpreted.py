@@ -1,0 +1,89 @@
+"""Every Triton kernel against its op's reference, run by the Triton interpreter on CPU (CI) and
+natively on the GPU (marked cuda) at real shapes. Odd shapes on purpose: non-power-of-2 rows, one
+row, heads that do not fill a block."""
+
+import os
+
+import pytest
+import torch
+
+import ksbackend  # noqa: F401
+from ksbackend.ops.activation import act_and_mul_reference
+from ksbackend.ops.norm import rms_norm_reference
+from ksbackend.ops.rope import rotate_half
+
+triton = pytest.importorskip("triton")
+ks = torch.ops.kernelstack
+CPU_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# bf16: two ulps (2 * 2^-8), since each rounding point of the chain may land one ulp apart
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+       torch.float16: dict(atol=2e-3, rtol=1e-3)}
+
+
+def device_for_test():
+    if torch.cuda.is_available():
+        return "cuda"
+    if CPU_INTERPRETED:
+        return "cpu"
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 7), (5, 48), (3, 130)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemma", [False, True])
+def test_generated_rms_norm(rows, hidden, dtype, gemma):
+    from ksbackend.kernels.rms_norm import rms_norm_triton
+
+    dev = device_for_test()
+    x, r = torch.randn(rows, hidden, dtype=dtype, device=dev), torch.randn(rows, hidden, dtype=dtype, device=dev)
+    w = torch.randn(hidden, dtype=dtype, device=dev)
+    offset, cast_to = (1.0, None) if gemma else (0.0, dtype)
+    ref = rms_norm_reference(x, w, 1e-6, offset, cast_to, dtype)
+    torch.testing.assert_close(rms_norm_triton(x, w, 1e-6, offset, cast_to, dtype), ref, **TOL[dtype])
+    out, summed = rms_norm_triton(x, w, 1e-6, offset, cast_to, dtype, residual=r)
+    torch.testing.assert_close(summed, x + r, **TOL[dtype])
+    torch.testing.assert_close(out, rms_norm_reference(x + r, w, 1e-6, offset, cast_to, dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 37)])
+def test_generated_act_and_mul(activation, dtype, shape):
+    from ksbackend.kernels.act_and_mul import act_and_mul_triton
+
+    dev = device_for_test()
+    gate, up = torch.randn(shape, dtype=dtype, device=dev) * 3, torch.randn(shape, dtype=dtype, device=dev)
+    torch.testing.assert_close(act_and_mul_triton(gate, up, activation), act_and_mul_reference(gate, up, activation), **TOL[dtype])
+
+
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (3, 1, 24), (8, 8, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
+    from ksbackend.kernels.rope import rope_triton
+
+    dev = device_for_test()
+    b, t = 2, 5
+    q = torch.randn(b, t, hq, d, dtype=dtype, device=dev).transpose(1, 2)  # as HF's view().transpose(1, 2)
+    k = torch.randn(b, t, hk, d, dtype=dtype, device=dev).transpose(1, 2)
+    angle = torch.rand(b, 1, t, d, device=dev) * 6.3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    q_out, k_out = rope_triton(q, k, cos, sin)
+    # the sum of two rounded products can cancel: allow one ulp of the largest product (|x| < 8 here)
+    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], 8 * torch.finfo(dtype).eps))
+    torch.testing.assert_close(q_out, q * cos + rotate_half(q) * sin, **tol)
+    torch.testing.assert_close(k_out, k * cos + rotate_half(k) * sin, **tol)
+    assert q_out.transpose(1, 2).is_contiguous()  # token-major, as the op contract fixes
+
+
+def test_generated_kernels_are_cached_by_chain_structure():
+    from ksbackend.kernels.generator import compile_chain
+    from ksbackend.kernels.rms_norm import rms_norm_chain
+
+    llama = compile_chain(rms_norm_chain(True, 0.0, torch.bfloat16, torch.bfloat16))
+    assert compile_chain(rms_norm_chain(True, 0.0, torch.bfloat16, torch.bfloat16)) is llama
+    gemma = compile_chain(rms_norm_chain(True, 1.0, None, torch.bfloat16))
+    assert gemma is not llama and "+ 1.0" in gemma.source and "tl.sum" in gemma.source
+    grid, block, warps = llama.launch_shape(4096, 4096 * 8)
+    assert grid == (8,) and block == 4096 and warps == 16
+    assert llama.launch_shape(2048, 2048)[1:] == (2048, 8)
