@@ -48,9 +48,13 @@ def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
     attention = FlashInferAttention(pool, hq, torch.bfloat16, head_dim ** -0.5, -1, Recorder())
     expected = run_steps(ref_pool, None, hq, steps)
     got = run_steps(pool, attention, hq, steps)
-    tol = BF16_TOL if kv_dtype == torch.bfloat16 else dict(atol=8e-2, rtol=8e-2)
     for e, g in zip(expected, got):
-        torch.testing.assert_close(g.float(), e.float(), **tol)
+        if kv_dtype == torch.bfloat16:
+            torch.testing.assert_close(g.float(), e.float(), **BF16_TOL)
+        else:  # e4m3 keeps 3 mantissa bits: judge by relative error of the whole output, not elementwise
+            rel = ((g.float() - e.float()).norm() / e.float().norm()).item()
+            print(f"fp8 KV, head_dim {head_dim}: relative error {rel:.4f}")
+            assert rel < 0.05
 
 
 def test_triton_ops_registered_on_cuda_match_references():

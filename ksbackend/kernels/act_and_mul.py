@@ -2,11 +2,14 @@
 Reads gate and up once, writes once; the activation is rounded to the input dtype before the product,
 as the eager chain rounds it."""
 
+import functools
+
 import torch
 
 from .generator import compile_chain
 
 
+@functools.lru_cache(maxsize=None)
 def act_and_mul_chain(activation: str, dtype):
     return (("load", "g"), ("load", "u"), ("f32", "gf", "g"), (activation, "a", "gf"), ("cast", "ac", "a", dtype),
             ("f32", "uf", "u"), ("mul", "o", "ac", "uf"), ("store", "out", "o"))

@@ -2,11 +2,14 @@
 ``kernelstack::rms_norm`` / ``add_rms_norm``. One read of x (and the residual), one write of the
 output (and the sum): the floor for this op. Rounding points follow the op contract exactly."""
 
+import functools
+
 import torch
 
 from .generator import compile_chain
 
 
+@functools.lru_cache(maxsize=None)
 def rms_norm_chain(residual: bool, weight_offset: float, cast_to, in_dtype):
     chain = [("load", "x")]
     if residual:  # the sum is rounded to the activation dtype, as HF's `residual + hidden` is
