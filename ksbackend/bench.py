@@ -40,7 +40,6 @@ def row(cells):
 
 # -- decode attention --------------------------------------------------------------------------------
 def attention(bw, out):
-    from ksbackend.report import Recorder
     from ksbackend.runtime.flashinfer_attention import FlashInferAttention
     from ksbackend.runtime.kv_pool import KVPool
 
@@ -70,7 +69,7 @@ def attention(bw, out):
 
         t_hf, t_gqa = bench_us(hf_sdpa), bench_us(gqa_sdpa)
         del cache_k, cache_v
-        results[(batch, max(lens), "bf16")] = t_ks = decode_us(KVPool, FlashInferAttention, Recorder, lens, hq, hkv, d, torch.bfloat16)
+        results[(batch, max(lens), "bf16")] = t_ks = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.bfloat16)
         kv_bytes = sum(lens) * hkv * d * 2 * 2
         floor = kv_bytes / bw * 1e6
         label = f"{batch}, {'ragged 64..4096' if len(set(lens)) > 1 else lens[0]} ({max_len})"
@@ -78,22 +77,22 @@ def attention(bw, out):
                         f"{floor / t_ks:.0%}", f"{t_hf / t_ks:.1f}x", f"{t_gqa / t_ks:.2f}x"]))
         print(out[-1], flush=True)
     lens = [4096] * 64
-    t_bf16 = decode_us(KVPool, FlashInferAttention, Recorder, lens, hq, hkv, d, torch.bfloat16)
-    t_fp8 = decode_us(KVPool, FlashInferAttention, Recorder, lens, hq, hkv, d, torch.float8_e4m3fn)
+    t_bf16 = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.bfloat16)
+    t_fp8 = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.float8_e4m3fn)
     out.append(f"\nfp8 (e4m3) KV, batch 64, context 4096: bf16 KV {t_bf16:.1f} us, fp8 KV {t_fp8:.1f} us "
                f"({t_bf16 / t_fp8:.2f}x faster; KV bytes {64 * 4096 * hkv * d * 2 * 2 / 2**20:.0f} -> "
                f"{64 * 4096 * hkv * d * 2 / 2**20:.0f} MiB; fp8 BW util {64 * 4096 * hkv * d * 2 / bw * 1e6 / t_fp8:.0%})")
     print(out[-1], flush=True)
 
 
-def decode_us(KVPool, FlashInferAttention, Recorder, lens, hq, hkv, d, kv_dtype):
+def decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, kv_dtype):
     page = 16
     pool = KVPool(1, hkv, d, sum(-(-n // page) for n in lens) + 1, page, torch.bfloat16, "cuda")
     pool.caches[0].normal_()
     if kv_dtype != torch.bfloat16:
         pool.caches[0] = pool.caches[0].to(kv_dtype)
         pool.dtype = kv_dtype
-    attention = FlashInferAttention(pool, hq, torch.bfloat16, d ** -0.5, -1, Recorder())
+    attention = FlashInferAttention(pool, hq, torch.bfloat16, d ** -0.5, -1)
     attention.k_scale[0] = attention.v_scale[0] = 1.0
     meta = pool.extend(list(range(len(lens))), lens)
     meta.max_q_len = 1  # time the decode kernel over these contexts

@@ -140,7 +140,7 @@ class GenerateEngine:
                 raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
             window = windows.pop() if windows else None
             return FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
-                                       window - 1 if window else -1, self.recorder)
+                                       window - 1 if window else -1)
         except UnsupportedAttention as exc:
             self.recorder.event(f"paged attention runs the plain-torch reference on {self.device}: {exc}", logging.WARNING)
             return None

@@ -37,7 +37,6 @@ def run_steps(pool, attention, hq, steps, seed=0):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
-    from ksbackend.report import Recorder
     from ksbackend.runtime.flashinfer_attention import FlashInferAttention
 
     lengths = [1, 7, 33, 1000]
@@ -45,7 +44,7 @@ def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
     hq, hkv = 8, 2
     ref_pool = KVPool(1, hkv, head_dim, 512, 16, torch.bfloat16, "cuda")
     pool = KVPool(1, hkv, head_dim, 512, 16, kv_dtype, "cuda")
-    attention = FlashInferAttention(pool, hq, torch.bfloat16, head_dim ** -0.5, -1, Recorder())
+    attention = FlashInferAttention(pool, hq, torch.bfloat16, head_dim ** -0.5, -1)
     expected = run_steps(ref_pool, None, hq, steps)
     got = run_steps(pool, attention, hq, steps)
     for e, g in zip(expected, got):

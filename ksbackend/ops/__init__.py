@@ -9,8 +9,6 @@ the same contracts, so a rewrite that is right on CPU is checked against the sam
 
 from . import activation, attention, norm, paged_attention, rope, sampling  # noqa: F401  (registers the ops)
 
-OP_NAMESPACE = "kernelstack"
-
 # What runs each op on a device other than the CPU reference; kernels add themselves here when they
 # register a CUDA implementation, so the explain report tells the truth about what ran where.
 _DEVICE_IMPLEMENTATIONS: dict[tuple[str, str], str] = {}

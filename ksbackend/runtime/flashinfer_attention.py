@@ -9,7 +9,6 @@ fp8 (e4m3) KV stores K/V divided by a per-layer scale fixed on the first prefill
 that prefill's absolute max); FlashInfer multiplies it back inside the kernel.
 """
 
-import logging
 
 import torch
 
@@ -26,7 +25,7 @@ class UnsupportedAttention(ValueError):
 
 
 class FlashInferAttention:
-    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left, recorder):
+    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left):
         if pool.head_dim not in SUPPORTED_HEAD_DIMS:
             raise UnsupportedAttention(f"head size {pool.head_dim} (FlashInfer path supports {SUPPORTED_HEAD_DIMS})")
         if q_dtype not in SUPPORTED_DTYPES:
@@ -35,7 +34,7 @@ class FlashInferAttention:
 
         self.flashinfer = flashinfer
         self.pool, self.num_qo_heads, self.q_dtype = pool, num_qo_heads, q_dtype
-        self.sm_scale, self.window_left, self.recorder = sm_scale, window_left, recorder
+        self.sm_scale, self.window_left = sm_scale, window_left
         self.fp8 = pool.dtype == torch.float8_e4m3fn
         self.k_scale = [None] * pool.num_layers
         self.v_scale = [None] * pool.num_layers
