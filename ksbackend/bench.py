@@ -4,6 +4,7 @@ plus bandwidth utilisation against the device-to-device copy bandwidth measured 
     python -m ksbackend.bench all            # attention, kernels, generate
     python -m ksbackend.bench attention      # decode attention at ANCHORS.md shapes (+ fp8 KV)
     python -m ksbackend.bench kernels        # fused add+RMSNorm, RoPE, SiLU*mul
+    python -m ksbackend.bench agreement      # greedy bf16 agreement with HF eager, and HF's own spread
     python -m ksbackend.bench generate --model llama-3.2-1b
 """
 
@@ -40,9 +41,6 @@ def row(cells):
 
 # -- decode attention --------------------------------------------------------------------------------
 def attention(bw, out):
-    from ksbackend.runtime.flashinfer_attention import FlashInferAttention
-    from ksbackend.runtime.kv_pool import KVPool
-
     hq, hkv, d = 32, 8, 128
     out.append("\n### Decode attention (32 q / 8 kv heads, head_dim 128, bf16), microseconds\n")
     out.append(row(["batch, context (static max)", "HF SDPA (expand + mask)", "SDPA enable_gqa", "kernelstack (FlashInfer paged)",
@@ -51,7 +49,6 @@ def attention(bw, out):
     shapes = [(1, [1024], 4096), (1, [8192], 16384), (32, [1024] * 32, 4096),
               (32, torch.randint(64, 4097, (32,), generator=torch.Generator().manual_seed(0)).tolist(), 4096),
               (64, [2048] * 64, 4096)]
-    results = {}
     for batch, lens, max_len in shapes:
         q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
         cache_k = torch.randn(batch, hkv, max_len, d, device="cuda", dtype=torch.bfloat16)
@@ -69,38 +66,61 @@ def attention(bw, out):
 
         t_hf, t_gqa = bench_us(hf_sdpa), bench_us(gqa_sdpa)
         del cache_k, cache_v
-        results[(batch, max(lens), "bf16")] = t_ks = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.bfloat16)
+        t_ks = decode_us(lens, hq, hkv, d, torch.bfloat16, "tensor_cores")[0]
         kv_bytes = sum(lens) * hkv * d * 2 * 2
         floor = kv_bytes / bw * 1e6
         label = f"{batch}, {'ragged 64..4096' if len(set(lens)) > 1 else lens[0]} ({max_len})"
         out.append(row([label, f"{t_hf:.1f}", f"{t_gqa:.1f}", f"{t_ks:.1f}", f"{floor:.1f}",
                         f"{floor / t_ks:.0%}", f"{t_hf / t_ks:.1f}x", f"{t_gqa / t_ks:.2f}x"]))
         print(out[-1], flush=True)
+    fp8_decode(bw, out, hq, hkv, d)
+
+
+def fp8_decode(bw, out, hq, hkv, d):
+    """fp8 KV against bf16 KV at batch 64, context 4096: time, bandwidth and output error of each kernel."""
     lens = [4096] * 64
-    t_bf16 = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.bfloat16)
-    t_fp8 = decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, torch.float8_e4m3fn)
-    out.append(f"\nfp8 (e4m3) KV, batch 64, context 4096: bf16 KV {t_bf16:.1f} us, fp8 KV {t_fp8:.1f} us "
-               f"({t_bf16 / t_fp8:.2f}x faster; KV bytes {64 * 4096 * hkv * d * 2 * 2 / 2**20:.0f} -> "
-               f"{64 * 4096 * hkv * d * 2 / 2**20:.0f} MiB; fp8 BW util {64 * 4096 * hkv * d * 2 / bw * 1e6 / t_fp8:.0%})")
-    print(out[-1], flush=True)
+    kv_bytes = 64 * 4096 * hkv * d * 2 * 2
+    out.append(f"\n### fp8 (e4m3) KV decode, batch 64, context 4096 (KV {kv_bytes / 2**20:.0f} MiB in bf16, "
+               f"{kv_bytes / 2**21:.0f} MiB in fp8), microseconds\n")
+    out.append(row(["KV dtype", "decode kernel", "page size", "time", "HBM floor", "BW util",
+                    "speedup vs bf16 tensor cores", "output rel. error vs bf16 KV"]))
+    out.append(row(["---"] * 8))
+    t_bf16, reference = decode_us(lens, hq, hkv, d, torch.bfloat16, "tensor_cores")
+    for kv_dtype, kernel, page in [(torch.bfloat16, "tensor_cores", None), (torch.bfloat16, "xqa", None),
+                                   (torch.float8_e4m3fn, "tensor_cores", None), (torch.float8_e4m3fn, "cuda_cores", None),
+                                   (torch.float8_e4m3fn, "xqa", 16), (torch.float8_e4m3fn, "xqa", None)]:
+        label = [str(kv_dtype).replace("torch.", ""), kernel, page or "default"]
+        try:
+            t, result = decode_us(lens, hq, hkv, d, kv_dtype, kernel, page)
+        except Exception as exc:  # a kernel this FlashInfer build cannot run here: say so, keep the table
+            out.append(row(label + [f"failed: {type(exc).__name__}: {str(exc)[:120]}", "", "", "", ""]))
+            print(out[-1], flush=True)
+            continue
+        floor = kv_bytes * torch.empty(0, dtype=kv_dtype).element_size() / 2 / bw * 1e6
+        rel = ((result.float() - reference.float()).norm() / reference.float().norm()).item()
+        out.append(row(label + [f"{t:.1f}", f"{floor:.1f}", f"{floor / t:.0%}", f"{t_bf16 / t:.2f}x", f"{rel:.2%}"]))
+        print(out[-1], flush=True)
 
 
-def decode_us(KVPool, FlashInferAttention, lens, hq, hkv, d, kv_dtype):
-    page = 16
-    pool = KVPool(1, hkv, d, sum(-(-n // page) for n in lens) + 1, page, torch.bfloat16, "cuda")
-    pool.caches[0].normal_()
-    if kv_dtype != torch.bfloat16:
-        pool.caches[0] = pool.caches[0].to(kv_dtype)
-        pool.dtype = kv_dtype
-    attention = FlashInferAttention(pool, hq, torch.bfloat16, d ** -0.5, -1)
+def decode_us(lens, hq, hkv, d, kv_dtype, decode_kernel, page=None):
+    """Time one layer's decode over ``lens`` (random K/V, same draw for every dtype); returns (us, output).
+    Pages default to what ``ksbackend.optimize`` uses."""
+    from ksbackend.config import RuntimeOptions
+    from ksbackend.runtime.flashinfer_attention import FlashInferAttention
+    from ksbackend.runtime.kv_pool import KVPool
+
+    page = page or RuntimeOptions().page_size
+    pool = KVPool(1, hkv, d, sum(-(-n // page) for n in lens) + 1, page, kv_dtype, "cuda")
+    kv = torch.randn(pool.caches[0].shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1))
+    pool.caches[0].copy_(kv)  # fp8: scale 1.0, values well inside e4m3's range
+    del kv
+    attention = FlashInferAttention(pool, hq, torch.bfloat16, d ** -0.5, -1, decode_kernel=decode_kernel)
     attention.k_scale[0] = attention.v_scale[0] = 1.0
     meta = pool.extend(list(range(len(lens))), lens)
     meta.max_q_len = 1  # time the decode kernel over these contexts
     attention.plan(meta)
-    q = torch.randn(len(lens), hq, d, device="cuda", dtype=torch.bfloat16)
-    cache = pool.caches[0]
-    scales = dict(k_scale=1.0, v_scale=1.0) if kv_dtype != torch.bfloat16 else {}
-    return bench_us(lambda: attention.decode.run(q, cache, **scales))
+    q = torch.randn(len(lens), hq, d, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(2))
+    return bench_us(lambda: attention.decode.run(q, 0)), attention.decode.run(q, 0)
 
 
 # -- norm / rope / activation kernels ----------------------------------------------------------------
@@ -179,20 +199,14 @@ def kernels(bw, out):
 # -- end to end ----------------------------------------------------------------------------------------
 def generate(bw, out, model_name, batch, new_tokens):
     import ksbackend
-    from ksbackend.models import build_model, real_config
+    from ksbackend.models import build_model, left_pad, real_config
 
     model = build_model(real_config(model_name), dtype=torch.bfloat16, device="cuda")
-    torch.manual_seed(0)
-    if batch == 1:
-        lengths = [128]
-    else:
-        lengths = torch.randint(64, 1025, (batch,)).tolist()
-    width = max(lengths)
-    prompts = torch.randint(3, model.config.vocab_size, (batch, width), device="cuda")
-    mask = torch.zeros_like(prompts)
-    for i, n in enumerate(lengths):
-        mask[i, width - n:] = 1
-    prompts[mask == 0] = 0
+    generator = torch.Generator().manual_seed(0)
+    lengths = [128] if batch == 1 else torch.randint(64, 1025, (batch,), generator=generator).tolist()
+    prompts, mask = left_pad([torch.randint(3, model.config.vocab_size, (n,), generator=generator) for n in lengths],
+                             device="cuda")
+    width = prompts.shape[1]
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0, eos_token_id=None)
 
@@ -228,6 +242,49 @@ def generate(bw, out, model_name, batch, new_tokens):
     print(ksbackend.explain(ks_model), flush=True)
 
 
+# -- greedy agreement ----------------------------------------------------------------------------------
+AGREEMENT_HEADER = ["family / weights", "HF eager-attention vs HF SDPA", "HF one prompt at a time vs batched",
+                    "kernelstack vs HF", "kernelstack fp8 KV vs HF", "kernelstack first divergences (token index)",
+                    "fp32 margin at kernelstack divergences (median / max, in logit std)",
+                    "at those, fp32 argmax = HF / = kernelstack"]
+
+
+def agreement(out, family, weights, new_tokens=64):
+    """Greedy bf16 agreement of kernelstack with HF eager (SDPA, batched), next to HF's own spread."""
+    import statistics
+
+    import ksbackend
+    from ksbackend.agreement import agreement_rate, agreement_setup, divergences, first_divergences
+    from ksbackend.hf import _attention_implementation
+
+    model, ids, mask = agreement_setup(family, weights, "cuda")
+    width = ids.shape[1]
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, attention_mask=mask, **kwargs)
+    with _attention_implementation(model, "eager"):
+        eager_attention = model.generate(ids, attention_mask=mask, **kwargs)
+    single = reference.clone()
+    for i in range(len(ids)):
+        prompt = ids[i][mask[i].bool()][None]
+        new = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)[0, prompt.shape[1]:]
+        single[i, width:width + len(new)] = new
+    ks_rates = []
+    for options in ({}, {"kv_cache_dtype": "fp8_e4m3"}):
+        optimized = ksbackend.optimize(copy.deepcopy(model), **options)
+        candidate = optimized.generate(ids, attention_mask=mask, **kwargs)
+        ks_rates.append(agreement_rate(reference, candidate, width))
+        if not options:
+            found = divergences(copy.deepcopy(model).float(), ids, mask, reference, candidate)
+            firsts = sorted(f for f in first_divergences(reference, candidate, width) if f is not None)
+    margins = [d.margin for d in found]
+    out.append(row([f"{family} / {weights}", f"{agreement_rate(reference, eager_attention, width):.0%}",
+                    f"{agreement_rate(reference, single, width):.0%}", f"{ks_rates[0]:.0%}", f"{ks_rates[1]:.0%}",
+                    ", ".join(map(str, firsts)) or "none",
+                    f"{statistics.median(margins):.3f} / {max(margins):.3f}" if margins else "-",
+                    f"{sum(d.reference_right for d in found)} / {sum(d.candidate_right for d in found)} of {len(found)}"]))
+    print(out[-1], flush=True)
+
+
 GENERATE_HEADER = ["model | batch / prompts / new", "HF eager ms/tok", "HF static + inductor ms/tok",
                    "kernelstack ms/tok", "weights floor ms/tok", "vs eager", "vs static+inductor",
                    "greedy = HF eager", "first call: HF static / kernelstack"]
@@ -236,7 +293,7 @@ GENERATE_HEADER = ["model | batch / prompts / new", "HF eager ms/tok", "HF stati
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ksbackend.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["all", "attention", "kernels", "generate"])
+    parser.add_argument("what", choices=["all", "attention", "kernels", "agreement", "generate"])
     parser.add_argument("--model", action="append", help="for generate (repeatable); default llama-3.2-1b")
     parser.add_argument("--batch", type=int, action="append", help="for generate (repeatable); default 1 and 32")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -252,6 +309,14 @@ def main(argv=None):
         attention(bw, out)
     if args.what in ("all", "kernels"):
         kernels(bw, out)
+    if args.what in ("all", "agreement"):
+        out.append("\n### Greedy agreement with HF eager (bf16; 4 layers, hidden 512, 8/2 heads; 32 ragged prompts, "
+                   "64 new tokens; HF = batched generate with SDPA)\n")
+        out.append(row(AGREEMENT_HEADER))
+        out.append(row(["---"] * len(AGREEMENT_HEADER)))
+        for family in ("llama", "qwen3"):
+            for weights in ("random", "copy-task"):
+                agreement(out, family, weights)
     if args.what in ("all", "generate"):
         out.append("\n### model.generate (greedy, ms per generated token, prefill included)\n")
         out.append(row(GENERATE_HEADER))

@@ -83,13 +83,17 @@ class BackendOptions:
 class RuntimeOptions:
     """What ``ksbackend.optimize`` sets up for ``generate``: the KV pool, buckets, kernels."""
 
-    page_size: int = 16  # tokens per KV page
+    # Tokens per KV page. 64: XQA's fp8 decode reads 64-token pages 3% faster than 16-token ones (the
+    # difference between 1.58x and 1.62x over bf16 at batch 64 / context 4096); bf16 decode is equally
+    # fast at 16..128 (docs/benchmarks.md), and a sequence wastes under one page.
+    page_size: int = 64
     max_kv_tokens: int = 0  # KV pool size in tokens; 0: size from kv_memory_fraction (GPU) or 65536 (CPU)
     kv_memory_fraction: float = 0.5  # share of free device memory the pool may take when max_kv_tokens is 0
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (half the KV bytes; CUDA only)
     max_batch_size: int = 256  # largest number of sequences in one step
     decode_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes decode is padded up to
     cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
+    decode_kernel: str = "auto"  # "auto", "tensor_cores", "cuda_cores" or "xqa" (see runtime/flashinfer_attention.py)
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod
@@ -106,6 +110,7 @@ class RuntimeOptions:
         if not 0.0 < self.kv_memory_fraction <= 0.95:
             raise OptionError(f"option kv_memory_fraction={self.kv_memory_fraction} must be in (0, 0.95]")
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
+        _check_choice("decode_kernel", self.decode_kernel, ("auto", "tensor_cores", "cuda_cores", "xqa"))
         if self.max_batch_size < 1:
             raise OptionError("option max_batch_size must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:

@@ -80,7 +80,7 @@ def optimize(model, **options):
     """Make ``model.generate()`` run through kernelstack (paged KV pool, ragged batches, compiled forward).
 
     Options (see ``RuntimeOptions``): page_size, max_kv_tokens, kv_memory_fraction, kv_cache_dtype,
-    max_batch_size, decode_buckets, cuda_graphs, backend_options. Returns the same model object.
+    max_batch_size, decode_buckets, cuda_graphs, decode_kernel, backend_options. Returns the same model object.
     """
     opts = RuntimeOptions.from_options(options)
     recorder = Recorder()
@@ -140,7 +140,8 @@ class GenerateEngine:
                 raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
             window = windows.pop() if windows else None
             return FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
-                                       window - 1 if window else -1)
+                                       window - 1 if window else -1, decode_kernel=self.opts.decode_kernel,
+                                       max_seq_len=min(self.pool.capacity_tokens, cfg.max_position_embeddings))
         except UnsupportedAttention as exc:
             self.recorder.event(f"paged attention runs the plain-torch reference on {self.device}: {exc}", logging.WARNING)
             return None

@@ -71,3 +71,55 @@ def build_model(config, dtype=torch.float32, device="cpu", attn_implementation="
             if "norm" in name:
                 param.normal_(0.0 if config.model_type.startswith("gemma") else 1.0, 0.1)
     return model.eval()
+
+
+def left_pad(rows, pad_token_id=0, device="cpu"):
+    """Token lists -> (input_ids, attention_mask), left-padded the way HF batches prompts for generate."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+COPY_PERIOD = 7
+
+
+def copy_task_sequences(batch, length, vocab_size, generator, period=COPY_PERIOD):
+    """Rows that repeat a random segment of ``period`` tokens. Predicting them takes attending to the
+    token exactly one period back, through RoPE positions and the KV cache, which a wrong position,
+    page or head mapping breaks."""
+    segments = torch.randint(3, vocab_size, (batch, period), generator=generator)
+    return segments[:, torch.arange(length) % period]
+
+
+def fit_copy_task(model, steps=1000, batch=64, length=288, lr=2e-3, target_accuracy=0.99, seed=0):
+    """Train a random-weight model briefly on ``copy_task_sequences`` and return its accuracy.
+
+    Random weights give near-flat next-token distributions whose top two logits often differ by less
+    than bf16 rounding, so greedy agreement between two correct bf16 implementations is a coin toss
+    there. A trained model's picks have margins; this gives a config-built model such margins (on a
+    task that exercises attention over the cache) without downloading a checkpoint."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    accuracy = 0.0
+    for step in range(steps):
+        ids = copy_task_sequences(batch, length, model.config.vocab_size, generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        predictable = slice(COPY_PERIOD - 1, None)  # from the second period on
+        loss = torch.nn.functional.cross_entropy(logits[:, predictable].flatten(0, 1), targets[:, predictable].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 49:
+            accuracy = (logits.argmax(-1) == targets)[:, predictable].float().mean().item()
+            if accuracy >= target_accuracy:
+                break
+    model.eval()
+    return accuracy

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import ksbackend
-from ksbackend.models import build_model, tiny_config
+from ksbackend.agreement import agreement_rate, agreement_setup, divergences, first_divergences
 from ksbackend.ops.paged_attention import paged_attention_reference
 from ksbackend.runtime.kv_pool import KVPool
 
 pytestmark = pytest.mark.cuda
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+NEAR_TIE = 0.08  # fp32 logit gap, in logit standard deviations, below which bf16 rounding can flip a pick
 
 
 def run_steps(pool, attention, hq, steps, seed=0):
@@ -35,8 +36,9 @@ def run_steps(pool, attention, hq, steps, seed=0):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("decode_kernel", ["tensor_cores", "cuda_cores", "xqa"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
+def test_flashinfer_paths_match_reference(head_dim, decode_kernel, kv_dtype):
     from ksbackend.runtime.flashinfer_attention import FlashInferAttention
 
     lengths = [1, 7, 33, 1000]
@@ -44,7 +46,7 @@ def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
     hq, hkv = 8, 2
     ref_pool = KVPool(1, hkv, head_dim, 512, 16, torch.bfloat16, "cuda")
     pool = KVPool(1, hkv, head_dim, 512, 16, kv_dtype, "cuda")
-    attention = FlashInferAttention(pool, hq, torch.bfloat16, head_dim ** -0.5, -1)
+    attention = FlashInferAttention(pool, hq, torch.bfloat16, head_dim ** -0.5, -1, decode_kernel=decode_kernel)
     expected = run_steps(ref_pool, None, hq, steps)
     got = run_steps(pool, attention, hq, steps)
     for e, g in zip(expected, got):
@@ -52,7 +54,7 @@ def test_flashinfer_paths_match_reference(head_dim, kv_dtype):
             torch.testing.assert_close(g.float(), e.float(), **BF16_TOL)
         else:  # e4m3 keeps 3 mantissa bits: judge by relative error of the whole output, not elementwise
             rel = ((g.float() - e.float()).norm() / e.float().norm()).item()
-            print(f"fp8 KV, head_dim {head_dim}: relative error {rel:.4f}")
+            print(f"fp8 KV, head_dim {head_dim}, decode {decode_kernel}: relative error {rel:.4f}")
             assert rel < 0.05
 
 
@@ -66,51 +68,50 @@ def test_triton_ops_registered_on_cuda_match_references():
     assert "Triton" in ksbackend.ops.implementation("add_rms_norm", "cuda")
 
 
-def generate_pair(model, prompts, mask, new_tokens, **options):
-    ref = model.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    optimized = copy.deepcopy(model)
-    ksbackend.optimize(optimized, **options)
-    out = optimized.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return ref, out, optimized
+def generate_through_kernelstack(model, ids, mask, new_tokens, **options):
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, **kwargs)
+    optimized = ksbackend.optimize(copy.deepcopy(model), **options)
+    return reference, optimized.generate(ids, **kwargs), optimized
 
 
-def agreement(ref, out, width):
-    same = (ref == out).all(dim=1)
-    first_diff = [(r[width:] != o[width:]).nonzero()[0].item() if not s else None for r, o, s in zip(ref, out, same)]
-    return same.float().mean().item(), [d for d in first_diff if d is not None]
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_bf16_agrees_with_hf_eager_on_copy_task(family, kv_cache_dtype):
+    """A model fitted to a copy task has a trained model's margins: there, greedy bf16 generate must match
+    HF eager token for token on >= 90% of 32 prompts over 64 tokens, none diverging before token 8."""
+    model, ids, mask = agreement_setup(family, "copy-task", "cuda")
+    reference, out, optimized = generate_through_kernelstack(model, ids, mask, 64, kv_cache_dtype=kv_cache_dtype)
+    firsts = [f for f in first_divergences(reference, out, ids.shape[1]) if f is not None]
+    rate = agreement_rate(reference, out, ids.shape[1])
+    print(f"{family}, KV {kv_cache_dtype}: greedy agreement {rate:.0%}, first divergences at {sorted(firsts)}")
+    print(ksbackend.explain(optimized))
+    assert rate >= 0.9 and all(f >= 8 for f in firsts)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_generate_bf16_agrees_with_hf_eager(family):
-    config = tiny_config(family, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, head_dim=64, vocab_size=1024)
-    model = build_model(config, dtype=torch.bfloat16, device="cuda")
-    torch.manual_seed(0)
-    lengths = torch.randint(4, 200, (32,)).tolist()
-    width = max(lengths)
-    prompts = torch.randint(3, 1024, (32, width), device="cuda")
-    mask = torch.zeros_like(prompts)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    prompts[mask == 0] = 0
-    ref, out, optimized = generate_pair(model, prompts, mask, 64)
-    rate, diverged_at = agreement(ref, out, width)
-    print(f"{family}: bf16 greedy agreement {rate:.2%}, first divergences at {sorted(diverged_at)}")
-    print(ksbackend.explain(optimized))
-    assert rate >= 0.9 and all(d >= 8 for d in diverged_at)
+def test_generate_bf16_diverges_from_hf_only_at_near_ties(family):
+    """Random weights: near-flat logits make exact agreement a matter of rounding (docs/benchmarks.md
+    shows HF disagreeing with itself there). What must hold is that wherever kernelstack and HF part,
+    an fp32 copy of the model finds the two picks within bf16 noise of each other."""
+    model, ids, mask = agreement_setup(family, "random", "cuda")
+    reference, out, _ = generate_through_kernelstack(model, ids, mask, 64)
+    found = divergences(copy.deepcopy(model).float(), ids, mask, reference, out)
+    print(f"{family}: agreement {agreement_rate(reference, out, ids.shape[1]):.0%}; divergences (step, margin in "
+          f"logit std, fp32 sides with HF / kernelstack): {[(d.step, round(d.margin, 4), d.reference_right, d.candidate_right) for d in found]}")
+    assert all(d.margin < NEAR_TIE for d in found)
 
 
-def test_cuda_graph_decode_equals_eager_decode():
-    config = tiny_config("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512)
-    model = build_model(config, dtype=torch.bfloat16, device="cuda")
-    prompts = torch.randint(3, 512, (5, 20), device="cuda")
-    mask = torch.ones_like(prompts)
-    mask[0, :7] = 0
+@pytest.mark.parametrize("kv_cache_dtype, decode_kernel", [("auto", "tensor_cores"), ("fp8_e4m3", "xqa"),
+                                                          ("fp8_e4m3", "cuda_cores")])
+def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel):
+    model, ids, mask = agreement_setup("llama", "copy-task", "cuda", prompts=5)
     graphs = copy.deepcopy(model)
-    ksbackend.optimize(model, cuda_graphs=False)
-    ksbackend.optimize(graphs, cuda_graphs=True)
+    options = dict(kv_cache_dtype=kv_cache_dtype, decode_kernel=decode_kernel)
+    ksbackend.optimize(model, cuda_graphs=False, **options)
+    ksbackend.optimize(graphs, cuda_graphs=True, **options)
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    eager_out = model.generate(prompts, **kwargs)
-    graph_out = graphs.generate(prompts, **kwargs)
+    eager_out = model.generate(ids, **kwargs)
+    graph_out = graphs.generate(ids, **kwargs)
     assert torch.equal(eager_out, graph_out)
     assert "decode CUDA graph captured" in str(ksbackend.explain(graphs))

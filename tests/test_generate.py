@@ -6,21 +6,15 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
                                                      TopPLogitsWarper)
 
 import ksbackend
-from ksbackend.models import FAMILIES, build_model, tiny_config
+from ksbackend.models import FAMILIES, build_model, left_pad, tiny_config
 from ksbackend.runtime.kv_pool import KVPoolExhausted
 
 FX = {"backend_options": {"executor": "fx"}}
 
 
 def ragged_batch(lengths, vocab=256, pad=0):
-    """Left-padded prompts of the given lengths, as a tokenizer would return them."""
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width))
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, width - length:] = 1
-    ids[mask == 0] = pad
-    return ids, mask
+    """Left-padded random prompts of the given lengths, as a tokenizer would return them."""
+    return left_pad([torch.randint(3, vocab, (n,)) for n in lengths], pad_token_id=pad)
 
 
 def hf_and_kernelstack(family, calls, **gen):
@@ -170,3 +164,5 @@ def test_bad_runtime_option_is_an_error():
         ksbackend.optimize(model, page_size=12)
     with pytest.raises(ksbackend.OptionError, match="unknown kernelstack option"):
         ksbackend.optimize(model, kv_tokens=100)
+    with pytest.raises(ksbackend.OptionError, match="decode_kernel"):
+        ksbackend.optimize(model, decode_kernel="flash")

@@ -3,7 +3,7 @@
 A decode step of A sequences is padded up to the smallest bucket >= A: padded rows are dummy tokens
 whose K/V land in one scratch page and whose logits are dropped. Before each replay the real tokens,
 positions and slots are copied into the bucket's static buffers and FlashInfer re-plans on the host
-(plan() stays outside the graph; run() is inside it). The pool's tensors never move, so graphs stay
+(plan() stays outside the graph; the kernels are inside it). The pool's tensors never move, so graphs stay
 valid across generate calls. Launch and Python overhead, which dominate small-batch decode, disappear.
 """
 
@@ -48,11 +48,11 @@ class DecodeGraphRunner:
         static = dict(ids=torch.zeros(1, bucket, dtype=torch.long, device=dev),
                       positions=torch.zeros(1, bucket, dtype=torch.long, device=dev),
                       keep=torch.arange(bucket, device=dev), slots=host.slots.to(dev))
-        wrapper = attention.graph_decode_wrapper(bucket)
-        attention.plan_graph(wrapper, host)
+        decode = attention.graph_decode(bucket)
+        decode.plan(host)
         device_meta = host.to(dev)
         device_meta.slots = static["slots"]
-        ctx = ForwardContext(engine.pool, device_meta, GraphStepAttention(attention, wrapper))
+        ctx = ForwardContext(engine.pool, device_meta, GraphStepAttention(attention, decode))
         with forward_context(ctx), engine.model_attention():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -63,7 +63,7 @@ class DecodeGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.memory_pool):
                 static["logits"] = engine.compiled_forward(static["ids"], static["positions"], static["keep"])
-        self.graphs[bucket] = (graph, static, wrapper)
+        self.graphs[bucket] = (graph, static, decode)
         engine.recorder.event(f"decode CUDA graph captured for bucket {bucket}")
 
     def run(self, tokens, meta):
@@ -71,13 +71,13 @@ class DecodeGraphRunner:
         bucket = self.bucket_for(meta.num_seqs)
         if bucket not in self.graphs:
             self._capture(bucket)
-        graph, static, wrapper = self.graphs[bucket]
+        graph, static, decode = self.graphs[bucket]
         host = pad_decode_metadata(meta, bucket, self.scratch_page)
         ids = torch.zeros(1, bucket, dtype=torch.long)
         ids[0, : len(tokens)] = torch.tensor(tokens)
         static["ids"].copy_(ids, non_blocking=True)
         static["positions"].copy_(host.positions[None], non_blocking=True)
         static["slots"].copy_(host.slots, non_blocking=True)
-        self.engine.attention.plan_graph(wrapper, host)
+        decode.plan(host)
         graph.replay()
         return static["logits"][0, : meta.num_seqs].float()

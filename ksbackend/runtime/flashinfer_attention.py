@@ -3,12 +3,15 @@
 One plan per step on the host, shared by every layer, over one workspace:
 - all-new prompts: ragged prefill straight over this step's K/V (nothing read back from the pool);
 - prompts extending cached tokens: paged prefill;
-- one token per sequence: paged decode with tensor cores (any GQA group size).
+- one token per sequence: paged decode, by one of three kernels (``decode_kernel``):
+  ``tensor_cores`` (FlashInfer's prefill-style decode: any GQA group size; the bf16 default),
+  ``cuda_cores`` (FlashInfer's classic decode: group sizes 1, 2, 3, 4, 8) and ``xqa`` (TensorRT-LLM's
+  XQA, ported into FlashInfer: on Hopper it multiplies e4m3 K/V on fp8 tensor cores, Q and P rounded
+  to e4m3 too, instead of widening every K/V element to bf16 first; the fp8 default on sm90).
 K/V are appended into the pool by a scatter over the step's slots (no host sync, capturable).
 fp8 (e4m3) KV stores K/V divided by a per-layer scale fixed on the first prefill (2x headroom over
-that prefill's absolute max); FlashInfer multiplies it back inside the kernel.
+that prefill's absolute max); the kernels multiply it back.
 """
-
 
 import torch
 
@@ -16,7 +19,11 @@ from ..ops.paged_attention import write_kv
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-WORKSPACE_BYTES = 256 * 2**20
+DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa")
+CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 8)
+XQA_PAGE_SIZES = (16, 32, 64, 128)
+WORKSPACE_BYTES = 256 * 2**20  # FlashInfer's split-k scratch
+XQA_WORKSPACE_BYTES = 64 * 2**20  # XQA's semaphores (must start zeroed: XQA resets them itself) + scratch
 FP8_MAX = 448.0
 
 
@@ -24,8 +31,17 @@ class UnsupportedAttention(ValueError):
     pass
 
 
+def block_table(meta) -> torch.Tensor:
+    """CSR page lists -> a dense [B, max pages] table (XQA's input; unused entries are page 0)."""
+    counts = (meta.kv_indptr[1:] - meta.kv_indptr[:-1]).long()
+    width = int(counts.max()) if counts.numel() else 0
+    table = torch.zeros(counts.numel(), max(width, 1), dtype=torch.int32)
+    table[torch.arange(table.shape[1])[None, :] < counts[:, None]] = meta.kv_indices
+    return table
+
+
 class FlashInferAttention:
-    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left):
+    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left, decode_kernel="auto", max_seq_len=None):
         if pool.head_dim not in SUPPORTED_HEAD_DIMS:
             raise UnsupportedAttention(f"head size {pool.head_dim} (FlashInfer path supports {SUPPORTED_HEAD_DIMS})")
         if q_dtype not in SUPPORTED_DTYPES:
@@ -36,40 +52,56 @@ class FlashInferAttention:
         self.pool, self.num_qo_heads, self.q_dtype = pool, num_qo_heads, q_dtype
         self.sm_scale, self.window_left = sm_scale, window_left
         self.fp8 = pool.dtype == torch.float8_e4m3fn
+        self.max_seq_len = max_seq_len or pool.capacity_tokens
+        self.decode_kernel = self._resolve_decode_kernel(decode_kernel)
         self.k_scale = [None] * pool.num_layers
         self.v_scale = [None] * pool.num_layers
-        device = pool.device
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        # One allocation: FlashInfer's wrappers take the front, XQA the tail (its semaphores must not be
+        # scribbled on by the other kernels' scratch).
+        buffer = torch.zeros(WORKSPACE_BYTES + XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
+        self.workspace, self.xqa_workspace = buffer[:WORKSPACE_BYTES], buffer[WORKSPACE_BYTES:]
+        self.decode = self._new_decode()
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         # fa3 paged prefill fails with bf16 q over fp8 KV in 0.5.3: fa2 there.
         self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2" if self.fp8 else "auto")
         self.mode = None
-        self._graph_wrappers = {}
 
-    def _common(self):
-        return dict(num_qo_heads=self.num_qo_heads, num_kv_heads=self.pool.num_kv_heads, q_data_type=self.q_dtype,
-                    kv_data_type=self.pool.dtype, sm_scale=self.sm_scale, window_left=self.window_left)
+    def _resolve_decode_kernel(self, name):
+        if name not in DECODE_KERNELS:
+            raise UnsupportedAttention(f"decode_kernel={name!r}; choose one of {DECODE_KERNELS}")
+        group = self.num_qo_heads // self.pool.num_kv_heads
+        hopper = torch.cuda.get_device_capability(self.pool.device)[0] == 9
+        xqa_ok = hopper and self.pool.page_size in XQA_PAGE_SIZES
+        if name == "auto":
+            return "xqa" if self.fp8 and xqa_ok else "tensor_cores"
+        if name == "cuda_cores" and group not in CUDA_CORE_GROUP_SIZES:
+            raise UnsupportedAttention(f"decode_kernel='cuda_cores' takes GQA group sizes {CUDA_CORE_GROUP_SIZES}, "
+                                       f"this model has {group}; use 'tensor_cores'")
+        if name == "xqa" and not xqa_ok:
+            raise UnsupportedAttention(f"decode_kernel='xqa' needs a Hopper GPU and page_size in {XQA_PAGE_SIZES}")
+        return name
+
+    def _new_decode(self, bucket=None):
+        """A decode kernel with its own plan; ``bucket`` fixes its batch size and buffers for CUDA graphs."""
+        if self.decode_kernel == "xqa":
+            return XQADecode(self, bucket)
+        return FlashInferDecode(self, bucket)
 
     def plan(self, meta):
         """Plan this step from host (CPU) metadata; every layer's ``run`` then reuses the plan."""
-        c, pool = self._common(), self.pool
+        pool = self.pool
+        common = dict(causal=True, window_left=self.window_left, sm_scale=self.sm_scale, q_data_type=self.q_dtype)
         if meta.is_decode:
             self.mode = "decode"
-            self.decode.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, c["num_qo_heads"],
-                             c["num_kv_heads"], pool.head_dim, pool.page_size, window_left=c["window_left"],
-                             q_data_type=c["q_data_type"], kv_data_type=c["kv_data_type"], sm_scale=c["sm_scale"])
+            self.decode.plan(meta)
         elif torch.equal(meta.qo_indptr[1:] - meta.qo_indptr[:-1], meta.kv_lens):
             self.mode = "ragged"
-            self.ragged.plan(meta.qo_indptr, meta.qo_indptr, c["num_qo_heads"], c["num_kv_heads"], pool.head_dim,
-                             causal=True, window_left=c["window_left"], sm_scale=c["sm_scale"],
-                             q_data_type=c["q_data_type"], kv_data_type=c["q_data_type"])
+            self.ragged.plan(meta.qo_indptr, meta.qo_indptr, self.num_qo_heads, pool.num_kv_heads, pool.head_dim,
+                             kv_data_type=self.q_dtype, **common)
         else:
             self.mode = "paged"
-            self.paged.plan(meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-                            c["num_qo_heads"], c["num_kv_heads"], pool.head_dim, pool.page_size, causal=True,
-                            window_left=c["window_left"], sm_scale=c["sm_scale"], q_data_type=c["q_data_type"],
-                            kv_data_type=c["kv_data_type"])
+            self.paged.plan(meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, self.num_qo_heads,
+                            pool.num_kv_heads, pool.head_dim, pool.page_size, kv_data_type=pool.dtype, **common)
 
     def _store(self, k, v, layer, slots):
         cache = self.pool.caches[layer]
@@ -82,43 +114,96 @@ class FlashInferAttention:
         write_kv(cache, (k.float() / self.k_scale[layer]).clamp(-FP8_MAX, FP8_MAX),
                  (v.float() / self.v_scale[layer]).clamp(-FP8_MAX, FP8_MAX), slots)
 
-    def run(self, q, k, v, layer, scale, window_left, meta, wrapper=None):
+    def scales(self, layer):
+        return (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else (1.0, 1.0)
+
+    def run(self, q, k, v, layer, scale, window_left, meta, decode=None):
         if abs(scale - self.sm_scale) > 1e-6 * self.sm_scale or window_left != self.window_left:
             raise UnsupportedAttention(f"layer {layer} uses scale {scale} / window {window_left}, the step was planned "
                                        f"for {self.sm_scale} / {self.window_left}")
         self._store(k, v, layer, meta.slots)
-        scales = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer]) if self.fp8 else {}
-        if wrapper is not None:
-            return wrapper.run(q.contiguous(), self.pool.caches[layer], **scales)
+        if decode is not None or self.mode == "decode":
+            return (decode or self.decode).run(q.contiguous(), layer)
         if self.mode == "ragged":
             return self.ragged.run(q.contiguous(), k.contiguous(), v.contiguous())
-        if self.mode == "decode":
-            return self.decode.run(q.contiguous(), self.pool.caches[layer], **scales)
+        k_scale, v_scale = self.scales(layer)
+        scales = dict(k_scale=k_scale, v_scale=v_scale) if self.fp8 else {}
         return self.paged.run(q.contiguous(), self.pool.caches[layer], **scales)
 
-    # -- CUDA graphs: one decode wrapper per bucket, with fixed buffers ------------------------------
-    def graph_decode_wrapper(self, bucket):
-        if bucket not in self._graph_wrappers:
-            dev = self.pool.device
-            self._graph_wrappers[bucket] = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.empty(bucket + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=torch.empty(self.pool.num_pages, dtype=torch.int32, device=dev),
-                paged_kv_last_page_len_buffer=torch.empty(bucket, dtype=torch.int32, device=dev))
-        return self._graph_wrappers[bucket]
+    def graph_decode(self, bucket):
+        """A decode kernel for one CUDA-graph bucket: fixed batch size, buffers that never move."""
+        return self._new_decode(bucket)
 
-    def plan_graph(self, wrapper, meta):
-        c, pool = self._common(), self.pool
-        wrapper.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, c["num_qo_heads"], c["num_kv_heads"],
-                     pool.head_dim, pool.page_size, window_left=c["window_left"], q_data_type=c["q_data_type"],
-                     kv_data_type=c["kv_data_type"], sm_scale=c["sm_scale"])
+
+class FlashInferDecode:
+    """FlashInfer's paged decode wrapper (tensor-core or cuda-core kernel)."""
+
+    def __init__(self, attention: FlashInferAttention, bucket=None):
+        self.attention = attention
+        pool, workspace = attention.pool, attention.workspace
+        tensor_cores = attention.decode_kernel == "tensor_cores"
+        if bucket is None:
+            self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
+        else:
+            i32 = dict(dtype=torch.int32, device=pool.device)
+            self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                paged_kv_indptr_buffer=torch.empty(bucket + 1, **i32),
+                paged_kv_indices_buffer=torch.empty(pool.num_pages, **i32),
+                paged_kv_last_page_len_buffer=torch.empty(bucket, **i32))
+
+    def plan(self, meta):
+        a, pool = self.attention, self.attention.pool
+        self.wrapper.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, a.num_qo_heads, pool.num_kv_heads,
+                          pool.head_dim, pool.page_size, window_left=a.window_left, q_data_type=a.q_dtype,
+                          kv_data_type=pool.dtype, sm_scale=a.sm_scale)
+
+    def run(self, q, layer):
+        a = self.attention
+        k_scale, v_scale = a.scales(layer)
+        scales = dict(k_scale=k_scale, v_scale=v_scale) if a.fp8 else {}
+        return self.wrapper.run(q, a.pool.caches[layer], **scales)
+
+
+class XQADecode:
+    """XQA decode: a dense page table and uint32 lengths instead of CSR. For a CUDA-graph bucket the
+    table is a fixed [bucket, max pages per sequence] buffer and plan() copies only the used columns
+    (stale columns past a row's length are never read)."""
+
+    def __init__(self, attention: FlashInferAttention, bucket=None):
+        self.attention, self.bucket = attention, bucket
+        pool = attention.pool
+        self.width = -(-attention.max_seq_len // pool.page_size)
+        if bucket is not None:
+            self.table = torch.zeros(bucket, self.width, dtype=torch.int32, device=pool.device)
+            self.lens = torch.zeros(bucket, dtype=torch.int32, device=pool.device)
+
+    def plan(self, meta):
+        table, lens = block_table(meta), meta.kv_lens.to(torch.int32)
+        if table.shape[1] > self.width:
+            raise UnsupportedAttention(f"a sequence holds {int(meta.kv_lens.max())} tokens, above the "
+                                       f"{self.width * self.attention.pool.page_size} the decode kernel was set up for")
+        if self.bucket is None:
+            dev = self.attention.pool.device
+            self.table, self.lens = table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True)
+        else:
+            self.table[:, : table.shape[1]].copy_(table, non_blocking=True)
+            self.lens.copy_(lens, non_blocking=True)
+
+    def run(self, q, layer):
+        a = self.attention
+        k_scale, v_scale = a.scales(layer)
+        return a.flashinfer.decode.xqa_batch_decode_with_kv_cache(
+            q, a.pool.caches[layer], a.xqa_workspace, self.table, self.lens.view(torch.uint32),
+            self.table.shape[1] * a.pool.page_size, bmm1_scale=a.sm_scale * k_scale, bmm2_scale=v_scale,
+            window_left=a.window_left, kv_layout="NHD")
 
 
 class GraphStepAttention:
-    """What the forward context holds while a bucket's decode graph is captured: its own wrapper."""
+    """What the forward context holds while a bucket's decode graph is captured: its own decode kernel."""
 
-    def __init__(self, attention: FlashInferAttention, wrapper):
-        self.attention, self.wrapper = attention, wrapper
+    def __init__(self, attention: FlashInferAttention, decode):
+        self.attention, self.decode = attention, decode
 
     def run(self, q, k, v, layer, scale, window_left, meta):
-        return self.attention.run(q, k, v, layer, scale, window_left, meta, wrapper=self.wrapper)
+        return self.attention.run(q, k, v, layer, scale, window_left, meta, decode=self.decode)
