@@ -59,7 +59,7 @@ AGREEMENT_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layer
 def agreement_setup(family, weights, device, dtype=torch.bfloat16, prompts=32, seed=0):
     """The model and left-padded prompts the agreement test and benchmark use.
 
-    ``weights="random"``: random weights, random prompts of 4..199 tokens. ``weights="copy-task"``: the
+    ``weights="random"``: random weights, random prompts of 8..199 tokens. ``weights="copy-task"``: the
     same model fitted to ``copy_task_sequences`` (see ``fit_copy_task``), prompts from that task."""
     from .models import COPY_PERIOD, build_model, copy_task_sequences, fit_copy_task, left_pad, tiny_config
 

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 
 INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa")  # see runtime/flashinfer_attention.py
 
 
 class OptionError(ValueError):
@@ -93,7 +94,7 @@ class RuntimeOptions:
     max_batch_size: int = 256  # largest number of sequences in one step
     decode_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes decode is padded up to
     cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
-    decode_kernel: str = "auto"  # "auto", "tensor_cores", "cuda_cores" or "xqa" (see runtime/flashinfer_attention.py)
+    decode_kernel: str = "auto"  # one of DECODE_KERNELS
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod
@@ -110,7 +111,7 @@ class RuntimeOptions:
         if not 0.0 < self.kv_memory_fraction <= 0.95:
             raise OptionError(f"option kv_memory_fraction={self.kv_memory_fraction} must be in (0, 0.95]")
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
-        _check_choice("decode_kernel", self.decode_kernel, ("auto", "tensor_cores", "cuda_cores", "xqa"))
+        _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
         if self.max_batch_size < 1:
             raise OptionError("option max_batch_size must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:

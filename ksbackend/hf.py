@@ -111,7 +111,7 @@ class GenerateEngine:
                 raise ValueError("kv_cache_dtype='fp8_e4m3' needs a CUDA device (FlashInfer's fp8 KV kernels); "
                                  "use kv_cache_dtype='auto' on CPU")
             kv_dtype = torch.float8_e4m3fn
-        bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty(0, dtype=kv_dtype).element_size()
+        bytes_per_token = KVPool.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kv_dtype)
         tokens = opts.max_kv_tokens or self._default_kv_tokens(bytes_per_token)
         self.pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                            -(-tokens // opts.page_size), opts.page_size, kv_dtype, self.device)

@@ -48,7 +48,7 @@ class DecodeGraphRunner:
         static = dict(ids=torch.zeros(1, bucket, dtype=torch.long, device=dev),
                       positions=torch.zeros(1, bucket, dtype=torch.long, device=dev),
                       keep=torch.arange(bucket, device=dev), slots=host.slots.to(dev))
-        decode = attention.graph_decode(bucket)
+        decode = attention.new_decode(bucket)
         decode.plan(host)
         device_meta = host.to(dev)
         device_meta.slots = static["slots"]

@@ -15,11 +15,11 @@ that prefill's absolute max); the kernels multiply it back.
 
 import torch
 
+from ..config import DECODE_KERNELS
 from ..ops.paged_attention import write_kv
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa")
 CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 8)
 XQA_PAGE_SIZES = (16, 32, 64, 128)
 WORKSPACE_BYTES = 256 * 2**20  # FlashInfer's split-k scratch
@@ -60,7 +60,7 @@ class FlashInferAttention:
         # scribbled on by the other kernels' scratch).
         buffer = torch.zeros(WORKSPACE_BYTES + XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         self.workspace, self.xqa_workspace = buffer[:WORKSPACE_BYTES], buffer[WORKSPACE_BYTES:]
-        self.decode = self._new_decode()
+        self.decode = self.new_decode()
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         # fa3 paged prefill fails with bf16 q over fp8 KV in 0.5.3: fa2 there.
         self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2" if self.fp8 else "auto")
@@ -81,8 +81,8 @@ class FlashInferAttention:
             raise UnsupportedAttention(f"decode_kernel='xqa' needs a Hopper GPU and page_size in {XQA_PAGE_SIZES}")
         return name
 
-    def _new_decode(self, bucket=None):
-        """A decode kernel with its own plan; ``bucket`` fixes its batch size and buffers for CUDA graphs."""
+    def new_decode(self, bucket=None):
+        """A decode kernel with its own plan; ``bucket`` fixes its batch size and buffers for a CUDA graph."""
         if self.decode_kernel == "xqa":
             return XQADecode(self, bucket)
         return FlashInferDecode(self, bucket)
@@ -117,6 +117,10 @@ class FlashInferAttention:
     def scales(self, layer):
         return (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else (1.0, 1.0)
 
+    def fp8_scale_kwargs(self, layer):
+        """FlashInfer wrappers' k_scale/v_scale arguments: given for fp8 KV only."""
+        return dict(zip(("k_scale", "v_scale"), self.scales(layer))) if self.fp8 else {}
+
     def run(self, q, k, v, layer, scale, window_left, meta, decode=None):
         if abs(scale - self.sm_scale) > 1e-6 * self.sm_scale or window_left != self.window_left:
             raise UnsupportedAttention(f"layer {layer} uses scale {scale} / window {window_left}, the step was planned "
@@ -126,13 +130,7 @@ class FlashInferAttention:
             return (decode or self.decode).run(q.contiguous(), layer)
         if self.mode == "ragged":
             return self.ragged.run(q.contiguous(), k.contiguous(), v.contiguous())
-        k_scale, v_scale = self.scales(layer)
-        scales = dict(k_scale=k_scale, v_scale=v_scale) if self.fp8 else {}
-        return self.paged.run(q.contiguous(), self.pool.caches[layer], **scales)
-
-    def graph_decode(self, bucket):
-        """A decode kernel for one CUDA-graph bucket: fixed batch size, buffers that never move."""
-        return self._new_decode(bucket)
+        return self.paged.run(q.contiguous(), self.pool.caches[layer], **self.fp8_scale_kwargs(layer))
 
 
 class FlashInferDecode:
@@ -140,17 +138,15 @@ class FlashInferDecode:
 
     def __init__(self, attention: FlashInferAttention, bucket=None):
         self.attention = attention
-        pool, workspace = attention.pool, attention.workspace
-        tensor_cores = attention.decode_kernel == "tensor_cores"
-        if bucket is None:
-            self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
-        else:
+        pool = attention.pool
+        graph_buffers = {}
+        if bucket is not None:
             i32 = dict(dtype=torch.int32, device=pool.device)
-            self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-                paged_kv_indptr_buffer=torch.empty(bucket + 1, **i32),
-                paged_kv_indices_buffer=torch.empty(pool.num_pages, **i32),
-                paged_kv_last_page_len_buffer=torch.empty(bucket, **i32))
+            graph_buffers = dict(use_cuda_graph=True, paged_kv_indptr_buffer=torch.empty(bucket + 1, **i32),
+                                 paged_kv_indices_buffer=torch.empty(pool.num_pages, **i32),
+                                 paged_kv_last_page_len_buffer=torch.empty(bucket, **i32))
+        self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            attention.workspace, "NHD", use_tensor_cores=attention.decode_kernel == "tensor_cores", **graph_buffers)
 
     def plan(self, meta):
         a, pool = self.attention, self.attention.pool
@@ -160,9 +156,7 @@ class FlashInferDecode:
 
     def run(self, q, layer):
         a = self.attention
-        k_scale, v_scale = a.scales(layer)
-        scales = dict(k_scale=k_scale, v_scale=v_scale) if a.fp8 else {}
-        return self.wrapper.run(q, a.pool.caches[layer], **scales)
+        return self.wrapper.run(q, a.pool.caches[layer], **a.fp8_scale_kwargs(layer))
 
 
 class XQADecode:

@@ -71,8 +71,13 @@ class KVPool:
     def capacity_tokens(self) -> int:
         return self.num_pages * self.page_size
 
+    @staticmethod
+    def token_bytes(num_layers, num_kv_heads, head_dim, dtype) -> int:
+        """KV bytes one token costs over all layers (K and V)."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.caches[0].element_size()
+        return self.token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     def bytes_in_use(self) -> int:
         return self.allocator.num_used * self.page_size * self.bytes_per_token()
