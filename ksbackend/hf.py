@@ -139,9 +139,12 @@ class GenerateEngine:
             if len(windows) > 1:
                 raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
             window = windows.pop() if windows else None
-            return FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
-                                       window - 1 if window else -1, decode_kernel=self.opts.decode_kernel,
-                                       max_seq_len=min(self.pool.capacity_tokens, cfg.max_position_embeddings))
+            attention = FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
+                                            window - 1 if window else -1, decode_kernel=self.opts.decode_kernel,
+                                            max_seq_len=min(self.pool.capacity_tokens, cfg.max_position_embeddings))
+            self.recorder.event(f"paged attention: FlashInfer, decode kernel {attention.decode_kernel} "
+                                f"(decode_kernel={self.opts.decode_kernel!r}, KV {self.pool.dtype})")
+            return attention
         except UnsupportedAttention as exc:
             self.recorder.event(f"paged attention runs the plain-torch reference on {self.device}: {exc}", logging.WARNING)
             return None

@@ -114,4 +114,5 @@ def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel):
     eager_out = model.generate(ids, **kwargs)
     graph_out = graphs.generate(ids, **kwargs)
     assert torch.equal(eager_out, graph_out)
-    assert "decode CUDA graph captured" in str(ksbackend.explain(graphs))
+    report = str(ksbackend.explain(graphs))
+    assert "decode CUDA graph captured" in report and f"decode kernel {decode_kernel} " in report

@@ -43,7 +43,7 @@ def register_cuda_kernels():
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
-    ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill, tensor-core paged decode)")
+    ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill; paged decode by the kernel the runtime report names)")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
     ops.register_implementation("rope_cos_sin", "cuda", "torch pointwise ops (fused by Inductor)")
     ops.register_implementation("sample", "cuda", "torch sort/cumsum sampler")
