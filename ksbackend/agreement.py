@@ -80,3 +80,57 @@ def agreement_setup(family, weights, device, dtype=torch.bfloat16, prompts=32, s
         raise ValueError(f"weights={weights!r}: 'random' or 'copy-task'")
     ids, mask = left_pad(rows, device=device)
     return model, ids, mask
+
+
+@dataclass
+class ForcedAccuracy:
+    """Teacher-forced accuracy of one implementation against an fp32 reference, over the same positions."""
+
+    mean_kl: float  # mean KL(fp32 || candidate) of the next-token distributions, in nats
+    top1: float  # share of positions whose argmax is fp32's argmax
+    positions: int
+
+
+def hf_forced_logprobs(model, prompts, targets) -> torch.Tensor:
+    """HF's own next-token log-probs [B, T, V] along ``targets``: one plain forward per row over prompt + targets."""
+    out = []
+    with torch.no_grad():
+        for prompt, target in zip(prompts, targets):
+            ids = torch.tensor([prompt + target[:-1]], device=model.device)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
+            out.append(logits.log_softmax(-1))
+    return torch.stack(out)
+
+
+def forced_accuracy(reference: torch.Tensor, candidate: torch.Tensor) -> ForcedAccuracy:
+    reference, candidate = reference.float(), candidate.float().to(reference.device)
+    kl = (reference.exp() * (reference - candidate)).sum(-1)
+    top1 = (reference.argmax(-1) == candidate.argmax(-1)).float()
+    return ForcedAccuracy(float(kl.mean()), float(top1.mean()), kl.numel())
+
+
+def teacher_forced(model, fp32_model, input_ids, attention_mask, new_tokens, candidates) -> dict:
+    """Along HF's own greedy continuation of each prompt (``model``, eos off), compare every candidate's
+    next-token log-probs with ``fp32_model``'s: ``candidates`` maps a name to fn(prompts, targets) -> [B, T, V].
+    HF itself (``model``'s plain forward) is always a candidate, so each figure stands beside HF's own."""
+    width = input_ids.shape[1]
+    greedy = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    targets = greedy[:, width:].tolist()
+    reference = hf_forced_logprobs(fp32_model, prompts, targets)
+    results = {"HF": forced_accuracy(reference, hf_forced_logprobs(model, prompts, targets))}
+    for name, fn in candidates.items():
+        results[name] = forced_accuracy(reference, fn(prompts, targets))
+    return results
+
+
+def kernelstack_forced(optimized_model):
+    """A ``teacher_forced`` candidate: an optimized model's runner, scoring through prefill and decode."""
+    engine = optimized_model._kernelstack_engine
+
+    def score(prompts, targets):
+        with torch.inference_mode():
+            return engine.score(prompts, targets)
+
+    return score

@@ -52,6 +52,13 @@ def _graph_device(example_inputs) -> str:
     return "cpu"
 
 
+def _input_shapes(gm) -> str:
+    """The integer inputs' shapes as Dynamo traced them (token ids, positions, indices: what changes from
+    call to call); a symbol such as s0 is a dynamic dimension."""
+    values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    return ", ".join(str(list(v.shape)) for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
+
+
 def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **unexpected):
     """Rewrite ``gm`` onto kernelstack ops, then compile the rest (Inductor) or run it as FX."""
     if unexpected:
@@ -61,7 +68,7 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
     start = time.perf_counter()
     device = _graph_device(example_inputs)
     report = GraphReport(index=len(GLOBAL.graphs), device=device, executor=opts.executor,
-                         nodes_before=len(gm.graph.nodes))
+                         nodes_before=len(gm.graph.nodes), inputs=_input_shapes(gm))
     report.passes = run_passes(gm, select_passes(opts))
     counts = collections.Counter(name for name in map(kernelstack_op, gm.graph.nodes) if name)
     report.ops = dict(counts)

@@ -1,8 +1,9 @@
 """kernelstack benchmarks: every number is a ratio against baselines measured in the same process,
 plus bandwidth utilisation against the device-to-device copy bandwidth measured in the same run.
+Results, with the commands that made them: docs/benchmarks.md.
 
     python -m ksbackend.bench all            # attention, kernels, generate
-    python -m ksbackend.bench attention      # decode attention at ANCHORS.md shapes (+ fp8 KV)
+    python -m ksbackend.bench attention      # decode attention at the anchor shapes (+ fp8 KV)
     python -m ksbackend.bench kernels        # fused add+RMSNorm, RoPE, SiLU*mul
     python -m ksbackend.bench agreement      # greedy bf16 agreement with HF eager, and HF's own spread
     python -m ksbackend.bench generate --model llama-3.2-1b

@@ -37,9 +37,11 @@ def _from_mapping(cls, mapping):
             raise OptionError(f"option {name} must be an int, got {value!r}")
         if expected is float and not isinstance(value, (int, float)):
             raise OptionError(f"option {name} must be a number, got {value!r}")
-        if typing.get_origin(expected) is tuple and isinstance(value, (list, tuple)):
+        if expected is tuple and isinstance(value, str):
+            mapping[name] = (value,)  # one name, not its characters
+        elif expected is tuple and isinstance(value, (list, tuple)):
             mapping[name] = tuple(value)
-        elif typing.get_origin(expected) is tuple:
+        elif expected is tuple:
             raise OptionError(f"option {name} must be a list, got {value!r}")
     return cls(**mapping)
 
@@ -88,10 +90,12 @@ class RuntimeOptions:
     # difference between 1.58x and 1.62x over bf16 at batch 64 / context 4096); bf16 decode is equally
     # fast at 16..128 (docs/benchmarks.md), and a sequence wastes under one page.
     page_size: int = 64
-    max_kv_tokens: int = 0  # KV pool size in tokens; 0: size from kv_memory_fraction (GPU) or 65536 (CPU)
-    kv_memory_fraction: float = 0.5  # share of free device memory the pool may take when max_kv_tokens is 0
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (half the KV bytes; CUDA only)
-    max_batch_size: int = 256  # largest number of sequences in one step
+    # KV pool size in tokens; 0: from kv_memory_fraction on a GPU, and on the CPU a pool that grows as needed
+    max_kv_tokens: int = 0
+    kv_memory_fraction: float = 0.5  # share of free GPU memory the pool may take when max_kv_tokens is 0
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (half the KV bytes; emulated on CPU)
+    max_batch_size: int = 256  # most sequences decoded together; a larger batch runs in waves
+    max_prefill_tokens: int = 8192  # most prompt tokens in one prefill step (a longer single prompt runs alone)
     decode_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes decode is padded up to
     cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
     decode_kernel: str = "auto"  # one of DECODE_KERNELS
@@ -112,8 +116,8 @@ class RuntimeOptions:
             raise OptionError(f"option kv_memory_fraction={self.kv_memory_fraction} must be in (0, 0.95]")
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
-        if self.max_batch_size < 1:
-            raise OptionError("option max_batch_size must be >= 1")
+        if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
+            raise OptionError("options max_batch_size and max_prefill_tokens must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:
             raise OptionError(f"option decode_buckets={self.decode_buckets} must be increasing positive ints")
         BackendOptions.from_options(self.backend_options)

@@ -1,53 +1,53 @@
 """Hugging Face integration: ``ksbackend.optimize(model)`` puts ``model.generate()`` on kernelstack's path.
 
 ``torch.compile(model).generate()`` compiles nothing (generate calls the original module), so
-``optimize`` replaces the model's ``generate`` with kernelstack's loop:
-- the batch is flattened into one ragged token stream (left padding is dropped: pad tokens get no KV
-  pages and no attention work); the model runs with ``attn_implementation="kernelstack"``, whose
-  attention function calls ``kernelstack::paged_attention`` over the pool kernelstack owns;
-- the forward is compiled once through the kernelstack backend with the token dimension dynamic, so
-  neither new prompt lengths nor batch sizes nor decode steps recompile;
-- greedy and sampling (temperature, top-k, top-p, min-p), eos and max_new_tokens stopping; a finished
-  sequence leaves the batch and gives its pages back.
-Anything the loop does not implement (beam search, logits processors, streamers, ...) goes to HF's own
-``generate`` with a warning, and the explain report says why.
+``optimize`` replaces the model's ``generate`` with kernelstack's. This module keeps only Hugging
+Face's generate semantics; the model runner and the decode loop live in ``runtime/``:
+- settings come from transformers' own resolution of the GenerationConfig (its defaults, e.g. top-k 50
+  when sampling, max_length 20 when no length is given), and what the fast path runs is read off the
+  logits processors and stopping criteria transformers itself would build;
+- each row becomes one sequence of real tokens (left padding dropped); rows stop at eos or their length
+  limit, and finished rows are padded with HF's pad token, exactly as HF returns them;
+- anything the fast path does not implement goes to HF's own ``generate``, with a warning and the reason
+  in the explain report.
+The runner is built on first use, so ``copy.deepcopy`` of an optimized model gives a model with its own
+runner over its own weights; concurrent ``generate`` calls on one model run one after the other.
 """
 
 import contextlib
 import copy
 import functools
-import itertools
 import logging
+import threading
+import time
 import warnings
 
 import torch
 import transformers
-from transformers import GenerationConfig
+from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import logits_process, stopping_criteria
 
 from .backend import kernelstack_backend, recording_into
 from .config import RuntimeOptions
 from .report import Recorder
-from .runtime.context import ForwardContext, forward_context
-from .runtime.kv_pool import KVPool, KVPoolExhausted
+from .runtime.kv_pool import KVPool
+from .runtime.model_runner import ModelRunner, RowParams
+from .runtime.scheduler import Request, Scheduler
 
 log = logging.getLogger("ksbackend")
+hf_log = transformers.utils.logging.get_logger("transformers.generation.utils")
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTN_IMPLEMENTATION = "kernelstack"
-CPU_DEFAULT_KV_TOKENS = 16384
+CPU_INITIAL_KV_TOKENS = 4096  # the CPU pool starts here and grows as sequences need it
+RESERVE_TOKENS = 256  # pages are reserved this many tokens ahead, so the decode loop rarely touches the table
+FP8_CALIBRATION = (2, 256)  # sequences x tokens of the fixed probe that sets the fp8 KV scales
+FP8_HEADROOM = 4.0  # scale = probe's |max| * headroom / 448: e4m3 is floating point, range costs little precision
 
-# GenerationConfig fields the loop implements, and ones that do not change what generate computes.
-_SUPPORTED_FIELDS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
-                     "eos_token_id", "pad_token_id", "use_cache"}
-_IGNORED_FIELDS = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
-                   "cache_implementation", "compile_config", "return_legacy_cache"}
-# Settings that are off at these values (None, False and empty are off for every field).
-_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-            "length_penalty": 1.0, "typical_p": 1.0, "guidance_scale": 1.0, "temperature": 1.0, "top_p": 1.0}
-
-
-def _is_off(name, value) -> bool:
-    return value is None or value is False or value in ((), [], {}, 0) or value == _NEUTRAL.get(name, object())
+# Generation settings that change what generate returns and that the fast path does not produce yet.
+_OUTPUT_SETTINGS = {"num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
+                    "output_logits": False, "output_attentions": False, "output_hidden_states": False}
+_FAST_CRITERIA = (stopping_criteria.MaxLengthCriteria, stopping_criteria.EosTokenCriteria)
 
 
 def kernelstack_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -66,21 +66,26 @@ def kernelstack_attention(module, query, key, value, attention_mask, scaling=Non
 transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, kernelstack_attention)
 
 
-@contextlib.contextmanager
-def _attention_implementation(model, name):
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
+class _AttentionImplementation:
+    """``with``: run ``model`` with another attention implementation (restored on exit)."""
+
+    def __init__(self, model, name):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.previous = self.model.config._attn_implementation
+        self.model.config._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        self.model.config._attn_implementation = self.previous
 
 
 def optimize(model, **options):
     """Make ``model.generate()`` run through kernelstack (paged KV pool, ragged batches, compiled forward).
 
     Options (see ``RuntimeOptions``): page_size, max_kv_tokens, kv_memory_fraction, kv_cache_dtype,
-    max_batch_size, decode_buckets, cuda_graphs, decode_kernel, backend_options. Returns the same model object.
+    max_batch_size, max_prefill_tokens, decode_buckets, cuda_graphs, decode_kernel, backend_options.
+    Returns the same model object.
     """
     opts = RuntimeOptions.from_options(options)
     recorder = Recorder()
@@ -92,188 +97,250 @@ def optimize(model, **options):
         warnings.warn(message, stacklevel=2)
         recorder.event(message, logging.WARNING)
         return model
-    engine = GenerateEngine(model, opts, recorder)
+    engine = KernelstackGenerate(model, opts, recorder)
     model._kernelstack_engine = engine
     model.generate = engine.generate
     return model
 
 
-class GenerateEngine:
+class KernelstackGenerate:
+    """``model.generate`` on kernelstack's path: HF's settings resolved, then the decode loop over the runner."""
+
     def __init__(self, model, opts: RuntimeOptions, recorder: Recorder):
         self.model, self.opts, self.recorder = model, opts, recorder
-        self.original_generate = model.generate
-        cfg = model.config
-        self.device = next(model.parameters()).device
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_dtype = model.dtype
-        if opts.kv_cache_dtype == "fp8_e4m3":
-            if self.device.type != "cuda":
-                raise ValueError("kv_cache_dtype='fp8_e4m3' needs a CUDA device (FlashInfer's fp8 KV kernels); "
-                                 "use kv_cache_dtype='auto' on CPU")
-            kv_dtype = torch.float8_e4m3fn
-        bytes_per_token = KVPool.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kv_dtype)
-        tokens = opts.max_kv_tokens or self._default_kv_tokens(bytes_per_token)
-        self.pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
-                           -(-tokens // opts.page_size), opts.page_size, kv_dtype, self.device)
-        self.attention = self._device_attention(model, cfg)
-        self.graphs = None
-        if self.attention is not None and opts.cuda_graphs:
-            from .runtime.cuda_graphs import DecodeGraphRunner
+        self._runtime = None  # (runner, scheduler), built on first use
+        self._lock = threading.Lock()
 
-            self.graphs = DecodeGraphRunner(self, [b for b in opts.decode_buckets if b <= opts.max_batch_size])
-        self._seq_ids = itertools.count()
-        backend = functools.partial(kernelstack_backend, options=dict(opts.backend_options))
-        self.compiled_forward = torch.compile(self._forward, backend=backend)
-        recorder.event(f"KV pool: {self.pool.num_pages} pages x {opts.page_size} tokens ({self.pool.capacity_tokens} tokens, "
-                       f"{bytes_per_token * self.pool.capacity_tokens / 2**20:.0f} MiB, {kv_dtype}) on {self.device}")
+    def __deepcopy__(self, memo):
+        """A copied model gets its own (not yet built) runtime over its own weights, never this one's."""
+        return type(self)(copy.deepcopy(self.model, memo), self.opts, copy.deepcopy(self.recorder, memo))
 
-    def _device_attention(self, model, cfg):
-        """FlashInfer on CUDA; the reference (correct, slow) where FlashInfer cannot serve, said in the report."""
-        if self.device.type != "cuda":
-            return None
-        from .runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+    @property
+    def runner(self) -> ModelRunner:
+        return self.runtime[0]
 
-        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
-        windows = {getattr(m, "sliding_window", None) for m in layers}
-        try:
-            if len(windows) > 1:
-                raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
-            window = windows.pop() if windows else None
-            attention = FlashInferAttention(self.pool, cfg.num_attention_heads, model.dtype, float(layers[0].scaling),
-                                            window - 1 if window else -1, decode_kernel=self.opts.decode_kernel,
-                                            max_seq_len=min(self.pool.capacity_tokens, cfg.max_position_embeddings))
-            self.recorder.event(f"paged attention: FlashInfer, decode kernel {attention.decode_kernel} "
-                                f"(decode_kernel={self.opts.decode_kernel!r}, KV {self.pool.dtype})")
-            return attention
-        except UnsupportedAttention as exc:
-            self.recorder.event(f"paged attention runs the plain-torch reference on {self.device}: {exc}", logging.WARNING)
-            return None
-
-    def model_attention(self):
-        return _attention_implementation(self.model, ATTN_IMPLEMENTATION)
-
-    def _default_kv_tokens(self, bytes_per_token):
-        if self.device.type != "cuda":
-            return CPU_DEFAULT_KV_TOKENS
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return max(self.opts.page_size, int(free * self.opts.kv_memory_fraction) // bytes_per_token)
-
-    def _forward(self, input_ids, position_ids, logits_to_keep):
-        return self.model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
-                          use_cache=False).logits
-
-    def _step(self, tokens, meta, logits_to_keep):
-        if meta.is_decode and self.graphs is not None and self.graphs.bucket_for(meta.num_seqs) is not None:
-            try:
-                return self.graphs.run(tokens, meta)
-            except Exception as exc:  # capture failed: decode stays correct, just without graphs
-                self.graphs = None
-                self.recorder.event(f"decode CUDA graphs disabled after an error: {type(exc).__name__}: {exc}", logging.WARNING)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
-        positions = meta.positions.to(self.device)[None]
-        keep = logits_to_keep.to(self.device)
-        for t in (ids, positions):
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        torch._dynamo.maybe_mark_dynamic(keep, 0)
-        if self.attention is not None:
-            self.attention.plan(meta)  # on the host metadata, before the step's kernels
-        with forward_context(ForwardContext(self.pool, meta.to(self.device), self.attention)), self.model_attention():
-            return self.compiled_forward(ids, positions, keep)[0].float()
-
-    # -- generate -----------------------------------------------------------------------------------
-    def _unsupported(self, gen: GenerationConfig, extra_kwargs) -> list[str]:
-        reasons = [f"argument {name!r}" for name in extra_kwargs]
-        for name, value in gen.to_dict().items():
-            if name not in _SUPPORTED_FIELDS and name not in _IGNORED_FIELDS and not _is_off(name, value):
-                reasons.append(f"generation setting {name}={getattr(gen, name)!r}")
-        return reasons
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            self._runtime = _build_runtime(self.model, self.opts, self.recorder)
+        return self._runtime
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Drop-in for ``model.generate`` (greedy and sampling); returns [B, prompt + new] token ids like HF."""
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        attention_mask = kwargs.pop("attention_mask", None)
-        gen = copy.deepcopy(generation_config or self.model.generation_config)
-        extra = gen.update(**kwargs)
-        reasons = self._unsupported(gen, extra) if input_ids is not None else ["no input_ids"]
-        if reasons:
-            message = f"kernelstack generate does not implement {', '.join(reasons)}: using Hugging Face's generate"
+        """Drop-in for ``model.generate``: returns the same [B, prompt + new] token ids as HF."""
+        resolved = self._resolve(inputs, generation_config, dict(kwargs))
+        if isinstance(resolved, list):
+            message = f"kernelstack generate does not implement {', '.join(resolved)}: using Hugging Face's generate"
             warnings.warn(message, stacklevel=2)
             self.recorder.event(message, logging.WARNING)
-            return self.original_generate(input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs)
-        with torch.inference_mode(), recording_into(self.recorder):
-            return self._generate(input_ids, attention_mask, gen)
+            return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
+        with self._lock, torch.inference_mode(), recording_into(self.recorder):
+            return self._generate(*resolved)
 
-    def _generate(self, input_ids, attention_mask, gen):
-        batch, prompt_len = input_ids.shape
-        eos = gen.eos_token_id
-        eos = set([eos] if isinstance(eos, int) else list(eos or []))
-        pad = gen.pad_token_id if gen.pad_token_id is not None else (min(eos) if eos else 0)
+    def score(self, prompts, targets):
+        """Teacher-forced next-token log-probs along ``targets`` (see ``ModelRunner.score``)."""
+        with self._lock, recording_into(self.recorder):
+            return self.runner.score(prompts, targets)
+
+    # -- Hugging Face's semantics ------------------------------------------------------------------------
+    def _resolve(self, inputs, generation_config, kwargs):
+        """HF's own preparation of the generation config, special tokens, mask and lengths; returns either
+        what the fast path needs or the list of reasons it cannot run this call."""
+        model = self.model
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            return ["inputs other than a 2-D tensor of token ids"]
+        # as in GenerationMixin.generate: was a length given anywhere, before defaults fill it in?
+        defaults = model.generation_config
+        has_default_max_length = (kwargs.get("max_length") is None and defaults.max_length is None
+                                  and (generation_config is None or generation_config.max_length is None))
+        has_default_min_length = (kwargs.get("min_length") is None and defaults.min_length is None
+                                  and (generation_config is None or generation_config.min_length is None))
+        gen, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+        reasons = [f"argument {name!r}" for name in model_kwargs]
+        mode = gen.get_generation_mode()
+        if mode.value not in ("greedy_search", "sample"):
+            reasons.append(f"generation mode {mode.value!r}")
+        reasons += [f"generation setting {name}={getattr(gen, name)!r}" for name, off in _OUTPUT_SETTINGS.items()
+                    if getattr(gen, name, off) not in (off, None)]
+        batch, width = input_ids.shape
+        model._prepare_special_tokens(gen, attention_mask is not None, device=input_ids.device, batch_size=batch)
         if attention_mask is None:
-            can_infer = gen.pad_token_id is not None and gen.pad_token_id not in eos and bool((input_ids == gen.pad_token_id).any())
-            attention_mask = (input_ids != gen.pad_token_id) if can_infer else torch.ones_like(input_ids)
-        max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - prompt_len
-        if max_new < 1:
-            return input_ids
-        if batch > self.opts.max_batch_size:
-            raise ValueError(f"batch of {batch} prompts is above max_batch_size={self.opts.max_batch_size}; "
-                             f"pass ksbackend.optimize(model, max_batch_size={batch}) or split the batch")
-        rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-        if any(not r for r in rows):
+            attention_mask = model._prepare_attention_mask_for_generation(input_ids, gen, {})
+        elif gen._pad_token_tensor is not None and batch > 1 and bool((attention_mask[:, -1] == 0).any()):
+            hf_log.warning("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                           "generation results, please set `padding_side='left'` when initializing the tokenizer.")
+            self.recorder.event("right-padded input: pad tokens dropped, each row continues after its last real token")
+        model._prepare_generated_length(gen, has_default_max_length, has_default_min_length, "input_ids", width,
+                                        input_ids)
+        processors = model._get_logits_processor(gen, input_ids_seq_length=width, encoder_input_ids=input_ids,
+                                                 logits_processor=LogitsProcessorList(), device=input_ids.device,
+                                                 model_kwargs=model_kwargs)
+        params, unsupported = _row_params(processors, greedy=mode.value == "greedy_search")
+        reasons += unsupported
+        criteria = model._get_stopping_criteria(gen, StoppingCriteriaList())
+        reasons += [f"stopping criterion {type(c).__name__}" for c in criteria if not isinstance(c, _FAST_CRITERIA)]
+        if reasons:
+            return reasons
+        if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("a prompt has no tokens (its attention_mask is all zeros)")
-        sampler = _Sampler(gen, batch, self.device) if gen.do_sample else None
-        seq_ids = [next(self._seq_ids) for _ in rows]
-        out = torch.full((batch, max_new), pad, dtype=torch.long)
-        finished = [False] * batch
-        try:
-            meta = self.pool.extend(seq_ids, [len(r) for r in rows])
-            self.recorder.event(f"prefill: {batch} sequences, {meta.num_tokens} tokens "
-                                f"({batch * prompt_len - meta.num_tokens} pad tokens skipped)")
-            logits = self._step(list(itertools.chain.from_iterable(rows)), meta, meta.qo_indptr[1:].long() - 1)
-            active = list(range(batch))
-            for step in range(max_new):
-                tokens = self._pick(logits, sampler, active)
-                for b, token in zip(active, tokens):
-                    out[b, step] = token
-                    if token in eos:
-                        finished[b] = True
-                        self.pool.release(seq_ids[b])
-                active = [b for b in active if not finished[b]]
-                if not active or step == max_new - 1:
-                    out = out[:, : step + 1]
-                    break
-                meta = self.pool.extend([seq_ids[b] for b in active], [1] * len(active))
-                previous = out[active, step].tolist()
-                logits = self._step(previous, meta, torch.arange(len(active)))
-        except KVPoolExhausted:
-            self.recorder.event("KV pool exhausted: generate stopped, pages released", logging.WARNING)
-            raise
-        finally:
-            for seq_id in seq_ids:
-                self.pool.release(seq_id)
+        return input_ids, attention_mask, gen, params
+
+    def _generate(self, input_ids, attention_mask, gen, params):
+        batch, width = input_ids.shape
+        eos = set(gen._eos_token_tensor.tolist()) if gen._eos_token_tensor is not None else set()
+        pad = int(gen._pad_token_tensor) if gen._pad_token_tensor is not None else 0
+        max_new = max(1, gen.max_length - width)  # HF runs at least one step, whatever max_length says
+        rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+        requests = [Request(r, max_new, params, accept=eos.__contains__) for r in rows]
+        runner, scheduler = self.runtime
+        start = time.perf_counter()
+        stats = scheduler.run(requests)
+        elapsed = time.perf_counter() - start
+        steps = max(stats.decode_steps, 1)
+        self.recorder.event(
+            f"generate: {batch} sequences, {sum(map(len, rows))} prompt tokens ({batch * width - sum(map(len, rows))} "
+            f"pad tokens skipped); {stats.prefill_steps} prefill steps, {stats.decode_steps} decode steps "
+            f"({runner.describe_decode()}); {stats.preemptions} preemptions; host {1e3 * stats.host_seconds / steps:.2f} "
+            f"ms per step, {stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); "
+            f"{elapsed:.2f} s")
+        longest = max(len(r.generated) for r in requests)
+        out = torch.full((batch, longest), pad, dtype=torch.long)
+        for b, request in enumerate(requests):
+            out[b, : len(request.generated)] = torch.tensor(request.generated, dtype=torch.long)
         return torch.cat([input_ids.cpu(), out], dim=1).to(input_ids.device)
 
-    @staticmethod
-    def _pick(logits, sampler, active):
-        if sampler is None:
-            return logits.argmax(-1).tolist()
-        return sampler(logits, active).tolist()
+
+def _row_params(processors, greedy):
+    """HF's logits processors, as the fast path's per-row settings; the names of those it cannot run."""
+    params, unsupported = RowParams(greedy=greedy), []
+    for p in processors:
+        if isinstance(p, logits_process.TemperatureLogitsWarper):
+            params.temperature = float(p.temperature)
+        elif isinstance(p, logits_process.TopKLogitsWarper) and p.min_tokens_to_keep == 1:
+            params.top_k = int(p.top_k)
+        elif isinstance(p, logits_process.TopPLogitsWarper) and p.min_tokens_to_keep == 1:
+            params.top_p = float(p.top_p)
+        elif isinstance(p, logits_process.MinPLogitsWarper) and p.min_tokens_to_keep == 1:
+            params.min_p = float(p.min_p)
+        else:
+            unsupported.append(f"logits processor {type(p).__name__}")
+    return params, unsupported
 
 
-class _Sampler:
-    """Per-row sampling parameters as device tensors (never Python constants in a graph)."""
+# -- building the runtime -------------------------------------------------------------------------------
+def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
+    cfg = model.config
+    device = next(model.parameters()).device
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8_e4m3" else model.dtype
+    per_token = KVPool.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kv_dtype)
+    if opts.max_kv_tokens:
+        tokens = opts.max_kv_tokens
+    elif device.type == "cuda":
+        tokens = max(opts.page_size, int(torch.cuda.mem_get_info(device)[0] * opts.kv_memory_fraction) // per_token)
+    else:
+        tokens = CPU_INITIAL_KV_TOKENS
+    pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, -(-tokens // opts.page_size),
+                  opts.page_size, kv_dtype, device, growable=device.type != "cuda" and not opts.max_kv_tokens)
+    recorder.event(f"KV pool: {pool.num_pages} pages x {opts.page_size} tokens ({pool.capacity_tokens} tokens, "
+                   f"{per_token * pool.capacity_tokens / 2**20:.1f} MiB, {kv_dtype}) on {device}"
+                   + (", grows as needed" if pool.growable else ""))
+    if pool.fp8:
+        _calibrate_fp8_scales(model, pool, recorder)
+    attention = _device_attention(model, pool, opts, recorder)
 
-    def __init__(self, gen: GenerationConfig, batch, device):
-        def full(value, dtype):
-            return torch.full((batch,), value, dtype=dtype, device=device)
+    def forward_prefill(ids, positions, keep):
+        return model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
 
-        self.temperature = full(gen.temperature if gen.temperature is not None else 1.0, torch.float32)
-        self.top_k = full(gen.top_k or 0, torch.int64)
-        self.top_p = full(gen.top_p if gen.top_p is not None else 1.0, torch.float32)
-        self.min_p = full(gen.min_p or 0.0, torch.float32)
-        self.device = device
+    def forward_decode(ids, positions):
+        return model(input_ids=ids, position_ids=positions, use_cache=False).logits
 
-    def __call__(self, logits, active):
-        rows = torch.tensor(active, device=self.device)
-        uniform = torch.rand(len(active), device=self.device)
-        return torch.ops.kernelstack.sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                                            self.min_p[rows], uniform)
+    backend = functools.partial(kernelstack_backend, options=dict(opts.backend_options))
+    graphs = opts.cuda_graphs and device.type == "cuda" and attention is not None
+    capacity = min(opts.max_batch_size, max(opts.decode_buckets)) if graphs else opts.max_batch_size
+    width = pool.pages_for(max(cfg.max_position_embeddings, opts.page_size))
+    runner = ModelRunner(_labelled(torch.compile(forward_prefill, backend=backend), "prefill", recorder),
+                         _labelled(torch.compile(forward_decode, backend=backend), "decode", recorder),
+                         pool, attention, capacity, opts.decode_buckets, graphs, width,
+                         model_scope=lambda: _AttentionImplementation(model, ATTN_IMPLEMENTATION))
+    if capacity < opts.max_batch_size:
+        recorder.event(f"decode batch capped at the largest CUDA-graph bucket, {capacity}: larger batches run in waves")
+    return runner, Scheduler(runner, capacity, opts.max_prefill_tokens, RESERVE_TOKENS)
+
+
+def _no_size_one_specialization():
+    """Dynamo specialises dynamic dimensions of size 0 and 1 (a batch of one, a one-token prompt) into
+    graphs of their own; size-oblivious symbols keep one graph per path instead."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") else contextlib.nullcontext()
+
+
+def _labelled(compiled, path, recorder):
+    """Tag the graphs compiled under ``compiled`` with the path they serve, for the explain report."""
+
+    code = compiled._torchdynamo_orig_callable.__code__
+
+    @functools.wraps(compiled)
+    def call(*args):
+        before = len(recorder.graphs)
+        with _no_size_one_specialization():
+            out = compiled(*args)
+        for report in list(recorder.graphs)[before:]:
+            earlier = [g for g in recorder.graphs if g.purpose == path]
+            failures = torch._dynamo.utils.guard_failures.get(code) or ["?"]
+            report.purpose = path
+            report.reason = f"recompiled: {failures[-1]}" if earlier else f"the first {path} call"
+        return out
+
+    return call
+
+
+def _device_attention(model, pool, opts, recorder):
+    """FlashInfer on CUDA; the reference (correct, slow) where FlashInfer cannot serve, said in the report."""
+    if pool.device.type != "cuda":
+        return None
+    from .runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+    windows = {getattr(m, "sliding_window", None) for m in layers}
+    try:
+        if len(windows) > 1:
+            raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
+        window = windows.pop() if windows else None
+        attention = FlashInferAttention(pool, model.config.num_attention_heads, model.dtype, float(layers[0].scaling),
+                                        window - 1 if window else -1, decode_kernel=opts.decode_kernel)
+    except UnsupportedAttention as exc:
+        recorder.event(f"paged attention runs the plain-torch reference on {pool.device}: {exc}", logging.WARNING)
+        return None
+    recorder.event(f"paged attention: FlashInfer, decode kernel {attention.decode_kernel} "
+                   f"(decode_kernel={opts.decode_kernel!r}, KV {pool.dtype})")
+    return attention
+
+
+def _calibrate_fp8_scales(model, pool, recorder):
+    """Fixed per-layer fp8 scales, set once from the model: the K/V absolute maxima over a fixed probe (the
+    same token ids every time), with headroom. What a prompt stores never depends on earlier prompts."""
+    seen = {}
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        k_max, v_max = seen.get(module.layer_idx, (0.0, 0.0))
+        seen[module.layer_idx] = (max(k_max, float(key.abs().max())), max(v_max, float(value.abs().max())))
+        return transformers.integrations.sdpa_attention.sdpa_attention_forward(
+            module, query, key, value, attention_mask, **kwargs)
+
+    transformers.AttentionInterface.register("kernelstack_fp8_probe", probe)
+    generator = torch.Generator().manual_seed(0)
+    count, length = FP8_CALIBRATION
+    ids = torch.randint(0, model.config.vocab_size, (count, length), generator=generator).to(pool.device)
+    with torch.inference_mode(), _AttentionImplementation(model, "kernelstack_fp8_probe"):
+        model(input_ids=ids, use_cache=False)
+    scale = FP8_HEADROOM / 448.0
+    pool.set_fp8_scales([max(seen[i][0] * scale, 1e-6) for i in range(pool.num_layers)],
+                        [max(seen[i][1] * scale, 1e-6) for i in range(pool.num_layers)])
+    recorder.event(f"fp8 KV scales from a fixed {count}x{length}-token probe, {FP8_HEADROOM}x headroom: K "
+                   f"{min(pool.k_scales):.3g}..{max(pool.k_scales):.3g}, V {min(pool.v_scales):.3g}..{max(pool.v_scales):.3g}")
+
+
+__all__ = ["optimize", "KernelstackGenerate", "kernelstack_attention"]

@@ -23,6 +23,9 @@ class GraphReport:
     ops: dict = field(default_factory=dict)  # kernelstack op -> count in the final graph
     implementations: dict = field(default_factory=dict)  # kernelstack op -> what runs it on this device
     compile_ms: float = 0.0
+    purpose: str = ""  # the path this graph serves (e.g. "prefill", "decode"), when known
+    reason: str = ""  # why it was compiled: the first call of its path, or the guard that failed
+    inputs: str = ""  # the example inputs' shapes (symbols are dynamic dimensions)
 
     def pass_result(self, name):
         return next((p for p in self.passes if p.name == name), None)
@@ -32,8 +35,9 @@ class GraphReport:
         return len(result.matched) if result else 0
 
     def to_text(self, verbose=False) -> str:
-        lines = [f"graph {self.index} on {self.device}: {self.nodes_before} -> {self.nodes_after} nodes, "
-                 f"executor {self.executor}, compiled in {self.compile_ms:.0f} ms"]
+        lines = [f"graph {self.index} on {self.device}" + (f" ({self.purpose}: {self.reason})" if self.purpose else "")
+                 + f": {self.nodes_before} -> {self.nodes_after} nodes, executor {self.executor}, "
+                 f"compiled in {self.compile_ms:.0f} ms, inputs {self.inputs}"]
         for p in self.passes:
             status = f"FAILED and undone: {p.error}" if p.error else f"matched {len(p.matched)}, left {len(p.left)}"
             lines.append(f"  pass {p.name:<13} {status} ({p.elapsed_ms:.1f} ms)")

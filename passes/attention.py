@@ -6,8 +6,8 @@ Two spellings reach Dynamo's graph from transformers:
   (``kv[:, :, None].expand(...).reshape(...)``);
 - eager: ``softmax(q @ repeat_kv(k).transpose(2, 3) * scaling + mask, dtype=float32).to(dt) @ repeat_kv(v)``.
 Both become one op over the un-repeated K/V. Anything else between the scores and the softmax (Gemma-2's
-tanh soft-capping, ALiBi biases, ...) is an attention variant this pass does not know: it is left alone
-and reported, so the original, correct chain runs.
+logit soft-capping, ALiBi biases, ...) is an attention variant this pass does not know: it is left alone
+and reported with the ops it found there, so the original, correct chain runs.
 """
 
 import math
@@ -34,6 +34,16 @@ def strip_repeat_kv(node):
 def _is_scores_transpose(node):
     dims = tuple(node.args[1:3]) if len(node.args) >= 3 else ()
     return is_op(node, "transpose") and dims in ((2, 3), (-2, -1), (-1, -2), (3, 2))
+
+
+def _variant(node, limit=8):
+    """Name what sits between q @ k^T and the softmax, walking back to the matmul (for the report)."""
+    ops = []
+    while isinstance(node, torch.fx.Node) and not is_op(node, "matmul") and len(ops) < limit:
+        ops.append(op_name(node) or node.op)
+        node = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+    chain = " <- ".join(f"'{o}'" for o in ops)
+    return f"logit soft-capping ({chain})" if "tanh" in ops else chain
 
 
 class AttentionPass(GraphPass):
@@ -91,7 +101,7 @@ class AttentionPass(GraphPass):
         elif is_op(scores, "matmul"):
             qk, scale = scores, 1.0
         else:
-            result.leave(site, f"unknown attention variant: '{op_name(scores)}' between the scores and the softmax")
+            result.leave(site, f"unknown attention variant: {_variant(scores)} between the scores and the softmax")
             return
         chain.append(qk)
         if not isinstance(scale, (int, float)):

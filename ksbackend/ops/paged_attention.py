@@ -5,45 +5,55 @@ Inputs are the flattened token stream of the step: q [N, Hq, D], k/v [N, Hkv, D]
 to which sequence, their positions and pages come from the forward context, not from the graph, so
 one compiled graph serves every batch composition. ``window_left`` >= 0 limits each query to that many
 earlier tokens (sliding-window attention, HF's ``sliding_window - 1``); -1 is full causal attention.
+The reference below is what runs without a device attention backend (CPU, or shapes FlashInfer lacks).
+
+Inference-only: earlier steps' K/V are read from the pool, not from the op's inputs, so no gradient
+through it could be right; a call whose q/k/v require grad (in grad mode) raises instead.
 """
 
 import torch
 import torch.nn.functional as F
 
 from ..runtime.context import get_forward_context
+from ..runtime.metadata import DecodeMetadata
 
 
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Scatter this step's K/V into their slots of one layer's [pages, 2, page_size, H, D] cache."""
-    page_size = cache.shape[2]
-    pages, offsets = slots // page_size, slots % page_size
-    cache[pages, 0, offsets] = k.to(cache.dtype)
-    cache[pages, 1, offsets] = v.to(cache.dtype)
+def _window_mask(q_pos, k_pos, kv_lens, window_left):
+    allowed = (k_pos <= q_pos) & (k_pos < kv_lens)
+    if window_left >= 0:
+        allowed &= k_pos >= q_pos - window_left
+    return allowed
 
 
-def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int):
-    """One sequence's K and V, [length, H, D] each, read from its pages in order."""
-    k = cache[pages.long(), 0].flatten(0, 1)[:length]
-    v = cache[pages.long(), 1].flatten(0, 1)[:length]
-    return k, v
+def decode_attention_reference(q, layer, scale, window_left, pool, meta: DecodeMetadata):
+    """One query per sequence over its pages, read densely through the page table (no host sync)."""
+    width = meta.max_pages or meta.page_table.shape[1]
+    chunk = pool.caches[layer][meta.page_table[:, :width].long()]  # [B, W, 2, P, H, D]
+    k, v = (chunk[:, :, i].flatten(1, 2).to(q.dtype) for i in (0, 1))  # [B, W * P, H, D]
+    if pool.fp8:
+        k, v = k * pool.k_scales[layer], v * pool.v_scales[layer]
+    lens = meta.kv_lens.long()[:, None, None, None]
+    k_pos = torch.arange(k.shape[1], device=q.device)[None, None, None, :]
+    allowed = _window_mask(lens - 1, k_pos, lens, window_left)
+    out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+    return out[:, :, 0]
 
 
 def paged_attention_reference(q, k, v, layer, scale, window_left, pool, meta):
-    cache = pool.caches[layer]
-    write_kv(cache, k, v, meta.slots.to(cache.device))
+    """Write K/V into the pool, then attend: one sequence at a time for prefill, densely for decode."""
+    pool.write(layer, k, v, meta.slots.to(pool.device))
+    if isinstance(meta, DecodeMetadata):
+        return decode_attention_reference(q, layer, scale, window_left, pool, meta)
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     qo, kv_ptr = meta.qo_indptr.tolist(), meta.kv_indptr.tolist()
     for b, kv_len in enumerate(meta.kv_lens.tolist()):
         q_b = q[qo[b]:qo[b + 1]]
-        k_b, v_b = gather_kv(cache, meta.kv_indices[kv_ptr[b]:kv_ptr[b + 1]], kv_len)
+        k_b, v_b = pool.gather(layer, meta.kv_indices[kv_ptr[b]:kv_ptr[b + 1]], kv_len, q.dtype)
         q_pos = torch.arange(kv_len - q_b.shape[0], kv_len, device=q.device)[:, None]
-        k_pos = torch.arange(kv_len, device=q.device)[None, :]
-        allowed = k_pos <= q_pos
-        if window_left >= 0:
-            allowed &= k_pos >= q_pos - window_left
-        o = F.scaled_dot_product_attention(
-            q_b.transpose(0, 1), k_b.to(q.dtype).transpose(0, 1), v_b.to(q.dtype).transpose(0, 1),
-            attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        allowed = _window_mask(q_pos, torch.arange(kv_len, device=q.device)[None, :], kv_len, window_left)
+        o = F.scaled_dot_product_attention(q_b.transpose(0, 1), k_b.transpose(0, 1), v_b.transpose(0, 1),
+                                           attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         out[qo[b]:qo[b + 1]] = o.transpose(0, 1)
     return out
 
@@ -60,3 +70,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 @paged_attention.register_fake
 def _(q, k, v, layer, scale, window_left):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _refuse_gradient(ctx, inputs, output):
+    raise RuntimeError(
+        "kernelstack::paged_attention is inference-only: it attends over K/V cached in kernelstack's pool "
+        "by earlier steps, which are not inputs of the op, so it has no gradient. Its q/k/v require grad here: "
+        "run it under torch.inference_mode() or torch.no_grad() (ksbackend's generate does), or, to train, "
+        "use torch.compile(model, backend=\"kernelstack\"), whose kernelstack::attention is differentiable.")
+
+
+def _unreachable_backward(ctx, grad):
+    raise AssertionError("unreachable: _refuse_gradient raised in the forward")
+
+
+# setup_context runs exactly when autograd would record the op (grad mode on, an input requiring grad),
+# so the error comes at the call, not at a later backward.
+paged_attention.register_autograd(_unreachable_backward, setup_context=_refuse_gradient)

@@ -1,22 +1,27 @@
 """FlashInfer attention over the KV pool: the CUDA implementation of ``kernelstack::paged_attention``.
 
-One plan per step on the host, shared by every layer, over one workspace:
-- all-new prompts: ragged prefill straight over this step's K/V (nothing read back from the pool);
-- prompts extending cached tokens: paged prefill;
-- one token per sequence: paged decode, by one of three kernels (``decode_kernel``):
-  ``tensor_cores`` (FlashInfer's prefill-style decode: any GQA group size; the bf16 default),
-  ``cuda_cores`` (FlashInfer's classic decode: group sizes 1, 2, 3, 4, 8) and ``xqa`` (TensorRT-LLM's
-  XQA, ported into FlashInfer: on Hopper it multiplies e4m3 K/V on fp8 tensor cores, Q and P rounded
-  to e4m3 too, instead of widening every K/V element to bf16 first; the fp8 default on sm90).
-K/V are appended into the pool by a scatter over the step's slots (no host sync, capturable).
-fp8 (e4m3) KV stores K/V divided by a per-layer scale fixed on the first prefill (2x headroom over
-that prefill's absolute max); the kernels multiply it back.
+``FlashInferAttention`` holds one model's kernels and one workspace. A step's attention is a value the
+forward context carries, made before the step runs:
+- prefill (``plan_prefill``): all-new prompts run ragged prefill straight over this step's K/V (nothing
+  read back from the pool); prompts extending cached tokens run paged prefill. Planned on the host.
+- decode (``new_decode``): one of three kernels, chosen by ``decode_kernel``:
+  ``xqa`` (TensorRT-LLM's XQA, shipped in FlashInfer; Hopper): takes the dense page table and lengths
+  straight from the device, so it needs no host plan: a captured decode step advances its own metadata
+  and the host never has to wait for the GPU before the next step. On fp8 KV it multiplies e4m3 on
+  Hopper's fp8 tensor cores (Q and P rounded to e4m3 too). The "auto" choice on Hopper.
+  ``tensor_cores`` (FlashInfer's prefill-style decode, any GQA group) and ``cuda_cores`` (group sizes
+  1, 2, 3, 4, 8): planned on the host before every step, from CSR page lists.
+Every kernel writes K/V through the pool (``KVPool.write``: the pool owns the layout and fp8 scales).
 """
+
+import logging
 
 import torch
 
 from ..config import DECODE_KERNELS
-from ..ops.paged_attention import write_kv
+from .metadata import csr_from_table
+
+log = logging.getLogger("ksbackend")
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -24,24 +29,14 @@ CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 8)
 XQA_PAGE_SIZES = (16, 32, 64, 128)
 WORKSPACE_BYTES = 256 * 2**20  # FlashInfer's split-k scratch
 XQA_WORKSPACE_BYTES = 64 * 2**20  # XQA's semaphores (must start zeroed: XQA resets them itself) + scratch
-FP8_MAX = 448.0
 
 
 class UnsupportedAttention(ValueError):
     pass
 
 
-def block_table(meta) -> torch.Tensor:
-    """CSR page lists -> a dense [B, max pages] table (XQA's input; unused entries are page 0)."""
-    counts = (meta.kv_indptr[1:] - meta.kv_indptr[:-1]).long()
-    width = int(counts.max()) if counts.numel() else 0
-    table = torch.zeros(counts.numel(), max(width, 1), dtype=torch.int32)
-    table[torch.arange(table.shape[1])[None, :] < counts[:, None]] = meta.kv_indices
-    return table
-
-
 class FlashInferAttention:
-    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left, decode_kernel="auto", max_seq_len=None):
+    def __init__(self, pool, num_qo_heads, q_dtype, sm_scale, window_left, decode_kernel="auto"):
         if pool.head_dim not in SUPPORTED_HEAD_DIMS:
             raise UnsupportedAttention(f"head size {pool.head_dim} (FlashInfer path supports {SUPPORTED_HEAD_DIMS})")
         if q_dtype not in SUPPORTED_DTYPES:
@@ -51,20 +46,15 @@ class FlashInferAttention:
         self.flashinfer = flashinfer
         self.pool, self.num_qo_heads, self.q_dtype = pool, num_qo_heads, q_dtype
         self.sm_scale, self.window_left = sm_scale, window_left
-        self.fp8 = pool.dtype == torch.float8_e4m3fn
-        self.max_seq_len = max_seq_len or pool.capacity_tokens
-        self.decode_kernel = self._resolve_decode_kernel(decode_kernel)
-        self.k_scale = [None] * pool.num_layers
-        self.v_scale = [None] * pool.num_layers
         # One allocation: FlashInfer's wrappers take the front, XQA the tail (its semaphores must not be
         # scribbled on by the other kernels' scratch).
         buffer = torch.zeros(WORKSPACE_BYTES + XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         self.workspace, self.xqa_workspace = buffer[:WORKSPACE_BYTES], buffer[WORKSPACE_BYTES:]
-        self.decode = self.new_decode()
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         # fa3 paged prefill fails with bf16 q over fp8 KV in 0.5.3: fa2 there.
-        self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2" if self.fp8 else "auto")
-        self.mode = None
+        self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                     backend="fa2" if pool.fp8 else "auto")
+        self.decode_kernel = self._resolve_decode_kernel(decode_kernel)
 
     def _resolve_decode_kernel(self, name):
         if name not in DECODE_KERNELS:
@@ -73,7 +63,7 @@ class FlashInferAttention:
         hopper = torch.cuda.get_device_capability(self.pool.device)[0] == 9
         xqa_ok = hopper and self.pool.page_size in XQA_PAGE_SIZES
         if name == "auto":
-            return "xqa" if self.fp8 and xqa_ok else "tensor_cores"
+            return "xqa" if xqa_ok and self._xqa_runs() else "tensor_cores"
         if name == "cuda_cores" and group not in CUDA_CORE_GROUP_SIZES:
             raise UnsupportedAttention(f"decode_kernel='cuda_cores' takes GQA group sizes {CUDA_CORE_GROUP_SIZES}, "
                                        f"this model has {group}; use 'tensor_cores'")
@@ -81,62 +71,97 @@ class FlashInferAttention:
             raise UnsupportedAttention(f"decode_kernel='xqa' needs a Hopper GPU and page_size in {XQA_PAGE_SIZES}")
         return name
 
-    def new_decode(self, bucket=None):
-        """A decode kernel with its own plan; ``bucket`` fixes its batch size and buffers for a CUDA graph."""
-        if self.decode_kernel == "xqa":
-            return XQADecode(self, bucket)
-        return FlashInferDecode(self, bucket)
-
-    def plan(self, meta):
-        """Plan this step from host (CPU) metadata; every layer's ``run`` then reuses the plan."""
+    def _xqa_runs(self) -> bool:
+        """XQA is compiled per (dtypes, head size, group, page size): try it once on this model's shapes."""
         pool = self.pool
-        common = dict(causal=True, window_left=self.window_left, sm_scale=self.sm_scale, q_data_type=self.q_dtype)
-        if meta.is_decode:
-            self.mode = "decode"
-            self.decode.plan(meta)
-        elif torch.equal(meta.qo_indptr[1:] - meta.qo_indptr[:-1], meta.kv_lens):
-            self.mode = "ragged"
-            self.ragged.plan(meta.qo_indptr, meta.qo_indptr, self.num_qo_heads, pool.num_kv_heads, pool.head_dim,
-                             kv_data_type=self.q_dtype, **common)
-        else:
-            self.mode = "paged"
-            self.paged.plan(meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, self.num_qo_heads,
-                            pool.num_kv_heads, pool.head_dim, pool.page_size, kv_data_type=pool.dtype, **common)
+        try:
+            q = torch.randn(1, self.num_qo_heads, pool.head_dim, dtype=self.q_dtype, device=pool.device)
+            table = torch.zeros(1, 1, dtype=torch.int32, device=pool.device)
+            lens = torch.ones(1, dtype=torch.int32, device=pool.device)
+            self._xqa(q, 0, table, lens)
+            return True
+        except Exception as exc:  # an XQA this FlashInfer build cannot make: the planned kernels serve
+            log.warning("kernelstack: XQA decode unavailable for these shapes (%s: %s); using tensor-core decode",
+                        type(exc).__name__, exc)
+            return False
 
-    def _store(self, k, v, layer, slots):
-        cache = self.pool.caches[layer]
-        if not self.fp8:
-            write_kv(cache, k, v, slots)
-            return
-        if self.k_scale[layer] is None:  # first prefill fixes the scale (one host sync per layer, once)
-            self.k_scale[layer] = max(float(k.abs().max()) * 2.0 / FP8_MAX, 1e-6)
-            self.v_scale[layer] = max(float(v.abs().max()) * 2.0 / FP8_MAX, 1e-6)
-        write_kv(cache, (k.float() / self.k_scale[layer]).clamp(-FP8_MAX, FP8_MAX),
-                 (v.float() / self.v_scale[layer]).clamp(-FP8_MAX, FP8_MAX), slots)
+    @property
+    def decode_needs_plan(self) -> bool:
+        return self.decode_kernel != "xqa"
 
-    def scales(self, layer):
-        return (self.k_scale[layer], self.v_scale[layer]) if self.fp8 else (1.0, 1.0)
+    def check(self, layer, scale, window_left):
+        if abs(scale - self.sm_scale) > 1e-6 * self.sm_scale or window_left != self.window_left:
+            raise UnsupportedAttention(f"layer {layer} uses scale {scale} / window {window_left}, the model was set "
+                                       f"up for {self.sm_scale} / {self.window_left}")
 
     def fp8_scale_kwargs(self, layer):
         """FlashInfer wrappers' k_scale/v_scale arguments: given for fp8 KV only."""
-        return dict(zip(("k_scale", "v_scale"), self.scales(layer))) if self.fp8 else {}
+        pool = self.pool
+        return dict(k_scale=pool.k_scales[layer], v_scale=pool.v_scales[layer]) if pool.fp8 else {}
 
-    def run(self, q, k, v, layer, scale, window_left, meta, decode=None):
-        if abs(scale - self.sm_scale) > 1e-6 * self.sm_scale or window_left != self.window_left:
-            raise UnsupportedAttention(f"layer {layer} uses scale {scale} / window {window_left}, the step was planned "
-                                       f"for {self.sm_scale} / {self.window_left}")
-        self._store(k, v, layer, meta.slots)
-        if decode is not None or self.mode == "decode":
-            return (decode or self.decode).run(q.contiguous(), layer)
-        if self.mode == "ragged":
-            return self.ragged.run(q.contiguous(), k.contiguous(), v.contiguous())
-        return self.paged.run(q.contiguous(), self.pool.caches[layer], **self.fp8_scale_kwargs(layer))
+    # -- prefill --------------------------------------------------------------------------------------
+    def plan_prefill(self, meta) -> "PrefillAttention":
+        """Plan a prefill step from host (CPU) metadata; every layer then reuses the plan."""
+        pool = self.pool
+        common = dict(causal=True, window_left=self.window_left, sm_scale=self.sm_scale, q_data_type=self.q_dtype)
+        if torch.equal(meta.qo_indptr[1:] - meta.qo_indptr[:-1], meta.kv_lens):
+            self.ragged.plan(meta.qo_indptr, meta.qo_indptr, self.num_qo_heads, pool.num_kv_heads, pool.head_dim,
+                             kv_data_type=self.q_dtype, **common)
+            return PrefillAttention(self, self.ragged, paged=False)
+        self.paged.plan(meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, self.num_qo_heads,
+                        pool.num_kv_heads, pool.head_dim, pool.page_size, kv_data_type=pool.dtype, **common)
+        return PrefillAttention(self, self.paged, paged=True)
+
+    # -- decode ---------------------------------------------------------------------------------------
+    def new_decode(self, bucket=None):
+        """The step attention of one decode batch; ``bucket`` fixes its batch size and plan buffers (CUDA graph)."""
+        return XQADecode(self) if self.decode_kernel == "xqa" else PlannedDecode(self, bucket)
+
+    def _xqa(self, q, layer, table, kv_lens):
+        pool = self.pool
+        k_scale, v_scale = pool.k_scales[layer], pool.v_scales[layer]
+        return self.flashinfer.decode.xqa_batch_decode_with_kv_cache(
+            q, pool.caches[layer], self.xqa_workspace, table, kv_lens.view(torch.uint32),
+            table.shape[1] * pool.page_size, bmm1_scale=self.sm_scale * k_scale, bmm2_scale=v_scale,
+            window_left=self.window_left, kv_layout="NHD")
 
 
-class FlashInferDecode:
-    """FlashInfer's paged decode wrapper (tensor-core or cuda-core kernel)."""
+class PrefillAttention:
+    """A planned prefill step: the wrapper whose plan this step made."""
 
-    def __init__(self, attention: FlashInferAttention, bucket=None):
+    def __init__(self, attention, wrapper, paged):
+        self.attention, self.wrapper, self.paged = attention, wrapper, paged
+
+    def run(self, q, k, v, layer, scale, window_left, meta):
+        a = self.attention
+        a.check(layer, scale, window_left)
+        a.pool.write(layer, k, v, meta.slots)
+        if self.paged:
+            return self.wrapper.run(q.contiguous(), a.pool.caches[layer], **a.fp8_scale_kwargs(layer))
+        return self.wrapper.run(q.contiguous(), k.contiguous(), v.contiguous())
+
+
+class XQADecode:
+    """XQA reads the page table and lengths the step's ``DecodeMetadata`` holds on the device: no plan."""
+
+    def __init__(self, attention):
+        self.attention = attention
+
+    def plan(self, meta_host):
+        """Nothing to plan: the kernel reads everything from the device."""
+
+    def run(self, q, k, v, layer, scale, window_left, meta):
+        a = self.attention
+        a.check(layer, scale, window_left)
+        a.pool.write(layer, k, v, meta.slots)
+        return a._xqa(q.contiguous(), layer, meta.page_table, meta.kv_lens)
+
+
+class PlannedDecode:
+    """FlashInfer's decode wrapper (tensor-core or cuda-core kernel), planned on the host before each step.
+    For a CUDA-graph bucket its plan buffers are fixed (``use_cuda_graph=True``)."""
+
+    def __init__(self, attention, bucket=None):
         self.attention = attention
         pool = attention.pool
         graph_buffers = {}
@@ -148,56 +173,16 @@ class FlashInferDecode:
         self.wrapper = attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             attention.workspace, "NHD", use_tensor_cores=attention.decode_kernel == "tensor_cores", **graph_buffers)
 
-    def plan(self, meta):
+    def plan(self, page_table_host, kv_lens_host):
+        """Plan from the host's mirror of the page table and the lengths after this step's token."""
         a, pool = self.attention, self.attention.pool
-        self.wrapper.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, a.num_qo_heads, pool.num_kv_heads,
-                          pool.head_dim, pool.page_size, window_left=a.window_left, q_data_type=a.q_dtype,
-                          kv_data_type=pool.dtype, sm_scale=a.sm_scale)
-
-    def run(self, q, layer):
-        a = self.attention
-        return self.wrapper.run(q, a.pool.caches[layer], **a.fp8_scale_kwargs(layer))
-
-
-class XQADecode:
-    """XQA decode: a dense page table and uint32 lengths instead of CSR. For a CUDA-graph bucket the
-    table is a fixed [bucket, max pages per sequence] buffer and plan() copies only the used columns
-    (stale columns past a row's length are never read)."""
-
-    def __init__(self, attention: FlashInferAttention, bucket=None):
-        self.attention, self.bucket = attention, bucket
-        pool = attention.pool
-        self.width = -(-attention.max_seq_len // pool.page_size)
-        if bucket is not None:
-            self.table = torch.zeros(bucket, self.width, dtype=torch.int32, device=pool.device)
-            self.lens = torch.zeros(bucket, dtype=torch.int32, device=pool.device)
-
-    def plan(self, meta):
-        table, lens = block_table(meta), meta.kv_lens.to(torch.int32)
-        if table.shape[1] > self.width:
-            raise UnsupportedAttention(f"a sequence holds {int(meta.kv_lens.max())} tokens, above the "
-                                       f"{self.width * self.attention.pool.page_size} the decode kernel was set up for")
-        if self.bucket is None:
-            dev = self.attention.pool.device
-            self.table, self.lens = table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True)
-        else:
-            self.table[:, : table.shape[1]].copy_(table, non_blocking=True)
-            self.lens.copy_(lens, non_blocking=True)
-
-    def run(self, q, layer):
-        a = self.attention
-        k_scale, v_scale = a.scales(layer)
-        return a.flashinfer.decode.xqa_batch_decode_with_kv_cache(
-            q, a.pool.caches[layer], a.xqa_workspace, self.table, self.lens.view(torch.uint32),
-            self.table.shape[1] * a.pool.page_size, bmm1_scale=a.sm_scale * k_scale, bmm2_scale=v_scale,
-            window_left=a.window_left, kv_layout="NHD")
-
-
-class GraphStepAttention:
-    """What the forward context holds while a bucket's decode graph is captured: its own decode kernel."""
-
-    def __init__(self, attention: FlashInferAttention, decode):
-        self.attention, self.decode = attention, decode
+        indptr, indices, last = csr_from_table(page_table_host, kv_lens_host, pool.page_size)
+        self.wrapper.plan(indptr, indices, last, a.num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.page_size,
+                          window_left=a.window_left, q_data_type=a.q_dtype, kv_data_type=pool.dtype,
+                          sm_scale=a.sm_scale)
 
     def run(self, q, k, v, layer, scale, window_left, meta):
-        return self.attention.run(q, k, v, layer, scale, window_left, meta, decode=self.decode)
+        a = self.attention
+        a.check(layer, scale, window_left)
+        a.pool.write(layer, k, v, meta.slots)
+        return self.wrapper.run(q.contiguous(), a.pool.caches[layer], **a.fp8_scale_kwargs(layer))

@@ -2,8 +2,12 @@
 
 Memory grows with real tokens: a sequence holds ceil(len / page_size) pages and gives them back when
 it ends. Each layer's cache is one tensor in FlashInfer's NHD layout,
-``[num_pages, 2 (K, V), page_size, kv_heads, head_dim]``, allocated once: its address never changes,
-so CUDA graphs captured over it stay valid across generate calls (HF's StaticCache is reallocated).
+``[num_pages, 2 (K, V), page_size, kv_heads, head_dim]``, allocated once on a GPU: its address never
+changes, so CUDA graphs captured over it stay valid across generate calls (HF's StaticCache is
+reallocated). On the CPU nothing is captured, so the pool grows instead of running out.
+
+The pool owns the K/V write: ``write`` scatters a step's K/V into their slots, quantising to fp8 with
+fixed per-layer scales when the pool is fp8 (set once, from the model, never from the traffic).
 """
 
 from dataclasses import dataclass, field
@@ -11,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .metadata import BatchMetadata, build_batch_metadata
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class KVPoolExhausted(RuntimeError):
@@ -47,6 +53,11 @@ class PageAllocator:
             self._in_use.remove(page)
             self._free.append(page)
 
+    def grow(self, count: int) -> None:
+        """Add ``count`` new pages (numbered after the existing ones)."""
+        self._free[:0] = range(self.num_pages + count - 1, self.num_pages - 1, -1)
+        self.num_pages += count
+
 
 @dataclass
 class Sequence:
@@ -55,13 +66,23 @@ class Sequence:
 
 
 class KVPool:
-    def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, page_size, dtype, device):
+    def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, page_size, dtype, device, growable=False):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, torch.device(device)
-        self.caches = [torch.zeros(num_pages, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                       for _ in range(num_layers)]
+        self.growable = growable
+        self.caches = [self._empty_pages(num_pages) for _ in range(num_layers)]
         self.allocator = PageAllocator(num_pages)
         self.sequences: dict[int, Sequence] = {}
+        self.k_scales = [1.0] * num_layers  # fp8 only: stored value = K / k_scale
+        self.v_scales = [1.0] * num_layers
+
+    def _empty_pages(self, count):
+        shape = (count, 2, self.page_size, self.num_kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == torch.float8_e4m3fn
 
     @property
     def num_pages(self) -> int:
@@ -85,6 +106,32 @@ class KVPool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    # -- pages ----------------------------------------------------------------------------------------
+    def alloc(self, count: int) -> list[int]:
+        """``count`` pages; a growable (CPU) pool grows by at least half its size instead of failing."""
+        if count > self.allocator.num_free and self.growable:
+            self.grow(max(count - self.allocator.num_free, self.num_pages // 2))
+        return self.allocator.alloc(count)
+
+    def grow(self, count: int) -> None:
+        self.caches = [torch.cat([c, self._empty_pages(count)]) for c in self.caches]
+        self.allocator.grow(count)
+
+    def reserve(self, seq_id, tokens: int) -> list[int]:
+        """Make sequence ``seq_id`` hold pages for ``tokens`` tokens; returns the pages it newly got."""
+        seq = self.sequences.setdefault(seq_id, Sequence())
+        new = self.alloc(max(0, self.pages_for(tokens) - len(seq.pages)))
+        seq.pages += new
+        return new
+
+    def exhausted_error(self, needed_pages: int, what: str) -> KVPoolExhausted:
+        per_token = self.bytes_per_token()
+        return KVPoolExhausted(
+            f"kernelstack KV pool too small: {what} needs {needed_pages} pages of {self.page_size} tokens, the pool has "
+            f"{self.num_pages} ({self.capacity_tokens} tokens, {per_token * self.capacity_tokens / 2**20:.1f} MiB). "
+            f"Raise it with ksbackend.optimize(model, max_kv_tokens=N) (each token costs {per_token} bytes) or "
+            f"kv_memory_fraction=..., or use a shorter prompt or fewer max_new_tokens.")
+
     def extend(self, seq_ids, new_tokens) -> BatchMetadata:
         """Grow each sequence by its new tokens (allocating pages, all or nothing) and return the step's
         metadata. Unknown ids start new sequences."""
@@ -92,18 +139,12 @@ class KVPool:
         for seq_id, new in zip(seq_ids, new_tokens):
             seq = self.sequences.get(seq_id, Sequence())
             needed.append(self.pages_for(seq.length + new) - len(seq.pages))
-        total = sum(needed)
-        if total > self.allocator.num_free:
-            per_token = self.bytes_per_token()
-            raise KVPoolExhausted(
-                f"kernelstack KV pool exhausted: this step needs {total} more pages of {self.page_size} tokens, "
-                f"{self.allocator.num_free} of {self.num_pages} are free ({self.capacity_tokens} tokens, "
-                f"{per_token * self.capacity_tokens / 2**20:.0f} MiB). Raise the pool with "
-                f"ksbackend.optimize(model, max_kv_tokens=N) (each token costs {per_token} bytes) or "
-                f"kv_memory_fraction=..., or use fewer/shorter sequences or fewer max_new_tokens.")
-        for seq_id, new, count in zip(seq_ids, new_tokens, needed):
+        if sum(needed) > self.allocator.num_free and not self.growable:
+            raise KVPoolExhausted(f"this step needs {sum(needed)} more pages, {self.allocator.num_free} of "
+                                  f"{self.num_pages} are free")
+        for seq_id, new in zip(seq_ids, new_tokens):
             seq = self.sequences.setdefault(seq_id, Sequence())
-            seq.pages += self.allocator.alloc(count)
+            self.reserve(seq_id, seq.length + new)
             seq.length += new
         return build_batch_metadata([self.sequences[s].pages for s in seq_ids],
                                     [self.sequences[s].length for s in seq_ids], list(new_tokens), self.page_size)
@@ -116,3 +157,26 @@ class KVPool:
     def release_all(self) -> None:
         for seq_id in list(self.sequences):
             self.release(seq_id)
+
+    # -- K/V ------------------------------------------------------------------------------------------
+    def set_fp8_scales(self, k_scales, v_scales) -> None:
+        self.k_scales, self.v_scales = [float(s) for s in k_scales], [float(s) for s in v_scales]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Scatter this step's K/V ([N, H, D] each) into their flat slots (page * page_size + offset)."""
+        cache = self.caches[layer]
+        if self.fp8:  # fixed per-layer scales: what a prompt stores never depends on earlier traffic
+            k = (k.float() / self.k_scales[layer]).clamp(-FP8_MAX, FP8_MAX)
+            v = (v.float() / self.v_scales[layer]).clamp(-FP8_MAX, FP8_MAX)
+        pages, offsets = slots // self.page_size, slots % self.page_size
+        cache[pages, 0, offsets] = k.to(self.dtype)
+        cache[pages, 1, offsets] = v.to(self.dtype)
+
+    def gather(self, layer: int, pages: torch.Tensor, length: int, dtype):
+        """One sequence's K and V, [length, H, D] each, read from its pages in order (scales applied)."""
+        chunk = self.caches[layer][pages.long()]
+        k = chunk[:, 0].flatten(0, 1)[:length].to(dtype)
+        v = chunk[:, 1].flatten(0, 1)[:length].to(dtype)
+        if self.fp8:
+            k, v = k * self.k_scales[layer], v * self.v_scales[layer]
+        return k, v

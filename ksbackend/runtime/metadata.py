@@ -1,6 +1,10 @@
-"""Per-step batch metadata in the CSR form FlashInfer takes (and the CPU reference reads).
+"""Per-step batch metadata: what the attention op needs to know about the sequences of one step.
 
-For a step over sequences b = 0..B-1, each appending ``new_tokens[b]`` tokens to a cache that then
+``BatchMetadata`` (prefill, any number of new tokens per sequence) is the CSR form FlashInfer's
+prefill plans take, built on the host. ``DecodeMetadata`` (one new token per sequence) lives on the
+device: a dense page table and lengths that a captured decode graph advances by itself.
+
+For a prefill step over sequences b = 0..B-1, each appending ``new_tokens[b]`` tokens to a cache that then
 holds ``kv_lens[b]`` tokens in pages ``page_tables[b]``:
 - ``qo_indptr[b]:qo_indptr[b+1]`` are b's query (new) tokens in the flattened token stream;
 - ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` are b's pages, in order;
@@ -35,10 +39,6 @@ class BatchMetadata:
     @property
     def num_tokens(self) -> int:
         return self.positions.numel()
-
-    @property
-    def is_decode(self) -> bool:
-        return self.max_q_len == 1
 
     @classmethod
     def empty(cls, page_size) -> "BatchMetadata":
@@ -78,3 +78,31 @@ def build_batch_metadata(page_tables, kv_lens, new_tokens, page_size) -> BatchMe
         slots=torch.tensor(slots, dtype=torch.int64), batch_indices=torch.tensor(batch_indices, **i32),
         page_size=page_size, max_q_len=max(new_tokens), max_kv_len=max(kv_lens),
     )
+
+
+@dataclass
+class DecodeMetadata:
+    """One new token per sequence, every field a device tensor (views of the runner's fixed buffers when
+    a graph is captured). ``max_pages`` is a host-side bound on the table columns in use, for paths that
+    read the table densely (the reference); None means the whole width."""
+
+    slots: torch.Tensor  # [B] int64: where this step's K/V go
+    kv_lens: torch.Tensor  # [B] int32: tokens in the cache after this step's token
+    page_table: torch.Tensor  # [B, W] int32: row b's pages in order (unused columns: any valid page)
+    page_size: int
+    max_pages: int | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_lens.numel()
+
+
+def csr_from_table(page_table: torch.Tensor, kv_lens: torch.Tensor, page_size: int):
+    """Host CSR (indptr, indices, last_page_len) from a dense page table and lengths, without a Python loop:
+    what FlashInfer's planned decode kernels take."""
+    counts = (kv_lens.long() + page_size - 1) // page_size
+    indptr = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    indptr[1:] = counts.cumsum(0)
+    used = torch.arange(page_table.shape[1])[None, :] < counts[:, None]
+    last = kv_lens - (counts.to(torch.int32) - 1) * page_size
+    return indptr, page_table[used].to(torch.int32), last.to(torch.int32)

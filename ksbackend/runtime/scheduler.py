@@ -1,0 +1,217 @@
+"""The decode loop: admission in waves, one-step-late token reads, and the overlap that keeps the host
+off the GPU's critical path.
+
+Every iteration the host (1) retires rows that are done, (2) admits waiting sequences while slots and
+pages allow (one ragged prefill for all of them), (3) reserves pages ahead for the rows that go on, and
+(4) enqueues one decode step. Only then does it read the tokens of the *previous* step, through a
+non-blocking copy it queued behind that step: by the time it waits, the GPU is already busy with the
+step just enqueued, so the host's work (bookkeeping, stop checks, streamers) overlaps the GPU's.
+A row whose stop is seen one step late has run one extra step; that token is dropped.
+
+A batch larger than the pool or the batch limit runs in waves: sequences are admitted as pages and
+rows free up. If a running row cannot get its next page, the youngest row is preempted (its pages
+freed, its prompt and tokens so far re-queued for a later prefill); only a sequence that can never fit
+the whole pool is an error, raised before any work.
+"""
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .model_runner import NewRow, RowParams
+
+
+@dataclass
+class Request:
+    """One sequence to generate. ``accept(token)`` sees every generated token in order (one step late) and
+    returns True when the sequence must stop there (eos, a stopping criterion)."""
+
+    prompt: list
+    max_new_tokens: int
+    params: RowParams
+    accept: object
+    generated: list = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Row:
+    request: Request
+    seq_id: int
+    issued: int  # tokens computed or in flight for this row since it was (re)admitted, counting the prefill's
+    base: int  # tokens the request had generated when this row was admitted
+    finished: bool = False
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the row's cache before its next decode step writes one more."""
+        return len(self.request.prompt) + self.base + self.issued - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - self.base - self.issued
+
+
+@dataclass
+class LoopStats:
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    token_waits: int = 0
+    host_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, runner, max_rows: int, max_prefill_tokens: int, reserve_tokens: int):
+        self.runner, self.pool = runner, runner.pool
+        self.max_rows, self.max_prefill_tokens, self.reserve_tokens = max_rows, max_prefill_tokens, reserve_tokens
+        self._next_seq_id = 0
+
+    def check_fits(self, requests) -> None:
+        """A sequence that could never fit the pool, even alone, is an error before any work starts."""
+        if self.pool.growable:
+            return
+        usable = self.pool.num_pages - 1  # the scratch page
+        for r in requests:
+            need = self.pool.pages_for(len(r.prompt) + r.max_new_tokens)
+            if need > usable:
+                raise self.pool.exhausted_error(need, f"a sequence of {len(r.prompt)} prompt tokens + "
+                                                      f"{r.max_new_tokens} new tokens")
+
+    def run(self, requests: list[Request]) -> LoopStats:
+        self.check_fits(requests)
+        stats = LoopStats()
+        waiting = collections.deque(requests)
+        running: list[_Row] = []
+        inflight = collections.deque()  # (host tokens, event or None, rows in that step's order)
+        start = time.perf_counter()
+        try:
+            while waiting or running or inflight:
+                running = self._retire(running)
+                if waiting and len(running) < self.max_rows and self._admit(waiting, running, stats, inflight):
+                    running = self._retire(running)
+                if waiting and not running and not inflight:  # nothing holds pages, yet the next one cannot start
+                    need = self.pool.pages_for(len(waiting[0].prompt) + waiting[0].max_new_tokens)
+                    raise self.pool.exhausted_error(need, "the next sequence")
+                if running:
+                    running = self._reserve(running, waiting, inflight, stats)
+                if running:
+                    n = len(running)
+                    tokens = self.runner.decode(n, sampling=any(not r.request.params.greedy for r in running))
+                    self.runner.advance_host(n)
+                    for row in running:
+                        row.issued += 1
+                    inflight.append(self._copy_back(tokens, list(running)))
+                    stats.decode_steps += 1
+                # one step late: read everything but the step just enqueued (all of it when nothing is running)
+                while len(inflight) > (1 if running else 0):
+                    self._process(inflight.popleft(), stats)
+        finally:
+            for row in running:
+                self.pool.release(row.seq_id)
+            self.runner.keep_rows([])
+        stats.host_seconds = time.perf_counter() - start - stats.wait_seconds
+        return stats
+
+    # -- pieces of one iteration --------------------------------------------------------------------------
+    def _retire(self, running):
+        keep = [i for i, r in enumerate(running) if not r.finished and r.remaining > 0]
+        if len(keep) == len(running):
+            return running
+        for i, row in enumerate(running):
+            if i not in keep:
+                self.pool.release(row.seq_id)  # later work reuses the pages strictly after this row's last step
+        self.runner.keep_rows(keep)
+        return [running[i] for i in keep]
+
+    def _admit(self, waiting, running, stats, inflight):
+        rows, budget = [], self.max_prefill_tokens
+        while waiting and len(running) + len(rows) < self.max_rows:
+            request = waiting[0]
+            tokens = request.prompt + request.generated
+            if rows and len(tokens) > budget:
+                break
+            reserve = len(tokens) + min(self.reserve_tokens, request.max_new_tokens - len(request.generated))
+            headroom = len(running) + len(rows)  # a page each for the rows already running, so they keep going
+            if self.pool.pages_for(reserve) + headroom > self.pool.allocator.num_free and not self.pool.growable:
+                break
+            seq_id = self._new_seq_id()
+            self.pool.reserve(seq_id, reserve)
+            rows.append((waiting.popleft(), seq_id, tokens))
+            budget -= len(tokens)
+        if not rows:
+            return []
+        new = [NewRow(seq_id, tokens, request.params) for request, seq_id, tokens in rows]
+        first = self.runner.prefill(new)
+        self.runner.add_rows(new, first)
+        admitted = [_Row(request, seq_id, issued=1, base=len(request.generated)) for request, seq_id, _ in rows]
+        running.extend(admitted)
+        inflight.append(self._copy_back(first, admitted))
+        stats.prefill_steps += 1
+        return admitted
+
+    def _reserve(self, running, waiting, inflight, stats):
+        """Pages for every row's next token, reserved ahead in chunks; preempt the youngest rows if the pool is full."""
+        i = 0
+        while i < len(running):
+            row = running[i]
+            needed = row.cached + 1
+            seq = self.pool.sequences[row.seq_id]
+            if self.pool.pages_for(needed) <= len(seq.pages):
+                i += 1
+                continue
+            want = min(needed + self.reserve_tokens, row.cached + row.remaining)
+            if self.pool.pages_for(want) - len(seq.pages) <= self.pool.allocator.num_free or self.pool.growable:
+                self.pool.reserve(row.seq_id, want)
+                self.runner.extend_pages(i, row.seq_id)
+                i += 1
+                continue
+            running = self._preempt(running, waiting, inflight, stats)
+            i = 0  # rows may have moved; start over (rows already served skip quickly)
+        return running
+
+    def _preempt(self, running, waiting, inflight, stats):
+        """Free the youngest row's pages and re-queue its sequence (prompt + tokens so far) at the front.
+        Its tokens are needed on the host first, so this waits for every step in flight (rare)."""
+        while inflight:
+            self._process(inflight.popleft(), stats)
+        running = self._retire(running)
+        if not running:
+            return running
+        victim = running[-1]
+        self.pool.release(victim.seq_id)
+        self.runner.keep_rows(list(range(len(running) - 1)))
+        waiting.appendleft(victim.request)
+        stats.preemptions += 1
+        return running[:-1]
+
+    def _copy_back(self, tokens, rows):
+        if tokens.device.type != "cuda":
+            return tokens.tolist(), None, rows
+        host = tokens.to("cpu", non_blocking=True)  # into pinned memory, behind the step that makes them
+        event = torch.cuda.Event()
+        event.record()
+        return host, event, rows
+
+    def _process(self, entry, stats):
+        host, event, rows = entry
+        if event is not None:
+            begin = time.perf_counter()
+            event.synchronize()
+            stats.wait_seconds += time.perf_counter() - begin
+            stats.token_waits += 1
+            host = host.tolist()
+        for row, token in zip(rows, host):
+            if row.finished:
+                continue  # the extra step of a row whose stop we saw one step late
+            request = row.request
+            request.generated.append(token)
+            if request.accept(token) or len(request.generated) >= request.max_new_tokens:
+                row.finished = request.done = True
+
+    def _new_seq_id(self):
+        self._next_seq_id += 1
+        return self._next_seq_id

@@ -1,0 +1,220 @@
+"""kernelstack used the way people use Hugging Face models (CPU, fp32, tiny models from configs), against
+the same model untouched: HF's default generation settings, no length argument, deepcopy, threads,
+eos lists, batches larger than the pool or the batch limit, fp8 KV, the report's own words."""
+
+import copy
+import logging
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import transformers
+
+import ksbackend
+import ksbackend.hf
+from ksbackend.models import FAMILIES, build_model, left_pad, tiny_config
+
+from .conftest import compile_fx
+
+FX = {"backend_options": {"executor": "fx"}}
+
+
+def prompts(lengths, vocab=256, pad=0):
+    return left_pad([torch.randint(3, vocab, (n,)) for n in lengths], pad_token_id=pad)
+
+
+def optimized_copy(model, **options):
+    return ksbackend.optimize(copy.deepcopy(model), **{**FX, **options})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_no_length_argument_uses_hf_default_of_20_new_tokens(family):
+    model = build_model(tiny_config(family))
+    ids, mask = prompts([6, 9])
+    ref = model.generate(ids, attention_mask=mask, pad_token_id=0)
+    out = optimized_copy(model).generate(ids, attention_mask=mask, pad_token_id=0)
+    assert ref.shape[1] == ids.shape[1] + 20
+    assert torch.equal(out, ref)
+
+
+def test_backend_by_name_in_grad_mode_gives_hf_logits_and_gradients():
+    """The README's first line, in PyTorch's default grad mode: no crash, HF's logits, HF's gradients."""
+    model = build_model(tiny_config("llama"))
+    ids = torch.randint(3, 256, (2, 7))
+    reference = copy.deepcopy(model)
+    ref = reference(ids).logits
+    out = compile_fx(model)(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref.pow(2).mean().backward()
+    out.pow(2).mean().backward()
+    assert ksbackend.explain().matched("rms_norm") > 0
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sampling_follows_hf_resolved_defaults_top_k_50():
+    """do_sample=True with no top_k: transformers applies top-k 50, so must kernelstack."""
+    model = build_model(tiny_config("llama"))
+    prompt = torch.randint(3, 256, (1, 8))
+    with torch.no_grad():
+        allowed = model(prompt).logits[0, -1].topk(50).indices
+    batch = prompt.repeat(64, 1)
+    out = optimized_copy(model).generate(batch, attention_mask=torch.ones_like(batch), do_sample=True,
+                                         max_new_tokens=1, pad_token_id=0)
+    first = out[:, -1]
+    assert torch.isin(first, allowed).all(), "drew a token outside HF's default top-50"
+    assert len(first.unique()) > 5  # and it really sampled
+
+
+def test_deepcopy_of_an_optimized_model_generates_with_its_own_weights():
+    model = build_model(tiny_config("qwen2"))
+    ids, mask = prompts([5, 8])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    optimized = optimized_copy(model)
+    optimized.generate(ids, **kwargs)  # the runtime exists now: the copy must not share it
+    twin = copy.deepcopy(optimized)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    twin_ref = copy.deepcopy(twin)
+    twin_ref.generate = type(twin_ref).generate.__get__(twin_ref)  # plain HF on the perturbed weights
+    assert torch.equal(twin.generate(ids, **kwargs), twin_ref.generate(ids, **kwargs))
+    assert torch.equal(optimized.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    assert twin._kernelstack_engine is not optimized._kernelstack_engine
+
+
+def test_three_threads_four_calls_each_get_their_own_answers():
+    model = build_model(tiny_config("llama"))
+    optimized = optimized_copy(model)
+    work = [prompts(lengths) for lengths in ([3, 7], [5], [9, 2, 4], [6, 6], [1, 8], [4], [7, 3, 5], [2, 2],
+                                             [8], [5, 9], [3], [6, 1, 2])]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = [model.generate(ids, attention_mask=mask, **kwargs) for ids, mask in work]
+    results, errors = {}, []
+
+    def worker(indices):
+        try:
+            for i in indices:
+                results[i] = optimized.generate(work[i][0], attention_mask=work[i][1], **kwargs)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(range(t, 12, 3),)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, ref in enumerate(expected):
+        assert torch.equal(results[i], ref), f"call {i}"
+
+
+def test_eos_list_without_pad_pads_with_the_first_eos_like_hf():
+    model = build_model(tiny_config("mistral"))
+    ids, mask = prompts([4, 7, 5])
+    free_run = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    new = free_run[:, ids.shape[1]:]
+    eos = [int(new[1, 2]), int(new[0, 3])]  # rows stop at different steps
+    if eos[0] == eos[1]:
+        eos[1] = (eos[0] + 1) % 256
+    eos = [max(eos), min(eos)]  # the first is not the smallest
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos)
+    model.generation_config.pad_token_id = None
+    ref = model.generate(ids, **kwargs)
+    out = optimized_copy(model).generate(ids, **kwargs)
+    assert torch.equal(out, ref)
+    assert (ref == eos[0]).any()
+
+
+def test_seventy_prompts_of_300_tokens_under_default_options():
+    model = build_model(tiny_config("llama"))
+    ids, mask = prompts([300] * 70)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized_copy(model).generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                                      pad_token_id=0), ref)
+
+
+def test_more_prompts_than_max_batch_size_run_in_waves():
+    model = build_model(tiny_config("llama"))
+    ids, mask = prompts([int(n) for n in torch.randint(2, 12, (300,))])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    optimized = optimized_copy(model)
+    assert torch.equal(optimized.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0), ref)
+    assert "2 prefill steps" in str(ksbackend.explain(optimized))  # 256, then the other 44
+
+
+def test_pool_exhausted_during_decode_preempts_and_keeps_every_token(monkeypatch):
+    """Two rows that each fit, but not together to the end: the younger is preempted mid-decode, re-queued
+    with its tokens so far, and finishes later; the output is HF's."""
+    monkeypatch.setattr(ksbackend.hf, "RESERVE_TOKENS", 16)
+    model = build_model(tiny_config("llama"))
+    ids, mask = prompts([10, 10])
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    optimized = optimized_copy(model, max_kv_tokens=96, page_size=16)  # 5 usable pages; each row ends on 3
+    assert torch.equal(optimized.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    assert "1 preemptions" in str(ksbackend.explain(optimized))
+
+
+def test_fp8_kv_scales_do_not_depend_on_what_ran_before():
+    model = build_model(tiny_config("llama"))
+    small, small_mask = prompts([6])
+    big, big_mask = prompts([9])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[big[0]] *= 30  # this prompt's activations are far larger
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    first = optimized_copy(model, kv_cache_dtype="fp8_e4m3")
+    first.generate(big, attention_mask=big_mask, **kwargs)
+    after_big = first.generate(small, attention_mask=small_mask, **kwargs)
+    fresh = optimized_copy(model, kv_cache_dtype="fp8_e4m3").generate(small, attention_mask=small_mask, **kwargs)
+    assert torch.equal(after_big, fresh)
+    pool = first._kernelstack_engine.runner.pool
+    assert pool.fp8 and len(set(pool.k_scales)) > 1  # per-layer scales, from the model
+    assert "fp8 KV scales from a fixed" in str(ksbackend.explain(first))
+
+
+def test_right_padding_warns_like_hf():
+    model = build_model(tiny_config("llama"))
+    ids, mask = prompts([5, 3])
+    ids, mask = ids.flip(1), mask.flip(1)  # right-padded, as a tokenizer with padding_side="right" gives
+    optimized = optimized_copy(model)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    hf_logger = transformers.utils.logging.get_logger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        optimized.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert any("right-padding was detected" in m for m in seen), seen  # transformers' own logger and words
+    assert "right-padded input" in str(ksbackend.explain(optimized))
+
+
+def test_disable_passes_takes_a_single_name():
+    model = build_model(tiny_config("llama"))
+    with torch.no_grad():
+        compile_fx(model, disable_passes="rope")(torch.randint(3, 256, (1, 5)))
+    report = ksbackend.explain()
+    assert [p.name for p in report.graphs[0].passes].count("rope") == 0 and report.matched("attention") == 2
+    assert ksbackend.BackendOptions.from_options({"disable_passes": "rope"}).disable_passes == ("rope",)
+
+
+def test_gemma2_soft_capping_is_reported_as_such():
+    model = build_model(tiny_config("gemma2"), attn_implementation="eager")
+    with torch.no_grad():
+        compile_fx(model)(torch.randint(3, 256, (1, 5)))
+    reasons = [reason for p in ksbackend.explain().graphs[0].passes for _, reason in p.left]
+    assert any("soft-capping" in r for r in reasons), reasons
+
+
+def test_bench_help_names_only_files_in_the_repo():
+    out = subprocess.run([sys.executable, "-m", "ksbackend.bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    root = pathlib.Path(__file__).resolve().parents[1]
+    named = re.findall(r"[\w./-]+\.md", out.stdout)
+    assert named and all((root / name).exists() for name in named), named
