@@ -1,4 +1,7 @@
-"""``kernelstack::act_and_mul``: the gated MLP activation, ``act(gate) * up``."""
+"""``kernelstack::act_and_mul``: the gated MLP activation, ``act(gate) * up``.
+
+Differentiable: ``d gate = act'(gate) * grad * up`` (aten's own activation backward), ``d up = grad * act(gate)``.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -6,12 +9,16 @@ import torch.nn.functional as F
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-def act_and_mul_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def _activate(gate: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
-        return F.silu(gate) * up
+        return F.silu(gate)
     if activation == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
+        return F.gelu(gate, approximate="tanh")
     raise ValueError(f"unknown activation {activation!r}; kernelstack knows {ACTIVATIONS}")
+
+
+def act_and_mul_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    return _activate(gate, activation) * up
 
 
 @torch.library.custom_op("kernelstack::act_and_mul", mutates_args=())
@@ -23,3 +30,25 @@ def act_and_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.
 @act_and_mul.register_fake
 def _(gate, up, activation):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+def _act_and_mul_setup_context(ctx, inputs, output):
+    gate, up, ctx.activation = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _act_and_mul_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    grad_gate = grad_up = None
+    if ctx.needs_input_grad[0]:
+        grad_act = (grad * up).to(gate.dtype)
+        if ctx.activation == "silu":
+            grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
+        else:
+            grad_gate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh")
+    if ctx.needs_input_grad[1]:
+        grad_up = (grad * _activate(gate, ctx.activation)).to(up.dtype)
+    return grad_gate, grad_up, None
+
+
+act_and_mul.register_autograd(_act_and_mul_backward, setup_context=_act_and_mul_setup_context)
