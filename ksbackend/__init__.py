@@ -41,6 +41,6 @@ def reset() -> None:
 
 __all__ = ["kernelstack_backend", "explain", "reset", "BackendOptions", "RuntimeOptions", "OptionError", "ExplainReport"]
 
-from .hf import optimize  # noqa: E402  (needs the backend defined above)
+from .hf import optimize, restore  # noqa: E402  (needs the backend defined above)
 
-__all__.append("optimize")
+__all__ += ["optimize", "restore"]

@@ -99,6 +99,7 @@ class RuntimeOptions:
     decode_buckets: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes decode is padded up to
     cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
     decode_kernel: str = "auto"  # one of DECODE_KERNELS
+    attention: str = "auto"  # "auto": FlashInfer on CUDA where it serves; "reference": the plain-torch paged path
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod
@@ -116,6 +117,7 @@ class RuntimeOptions:
             raise OptionError(f"option kv_memory_fraction={self.kv_memory_fraction} must be in (0, 0.95]")
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
+        _check_choice("attention", self.attention, ("auto", "reference"))
         if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
             raise OptionError("options max_batch_size and max_prefill_tokens must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:

@@ -103,6 +103,15 @@ def optimize(model, **options):
     return model
 
 
+def restore(model):
+    """Undo ``optimize``: ``model.generate`` is Hugging Face's again, and the runtime (KV pool, graphs) is freed."""
+    engine = model.__dict__.pop("_kernelstack_engine", None)
+    if engine is not None:
+        del model.generate
+        engine._runtime = None
+    return model
+
+
 class KernelstackGenerate:
     """``model.generate`` on kernelstack's path: HF's settings resolved, then the decode loop over the runner."""
 
@@ -301,6 +310,9 @@ def _device_attention(model, pool, opts, recorder):
     """FlashInfer on CUDA; the reference (correct, slow) where FlashInfer cannot serve, said in the report."""
     if pool.device.type != "cuda":
         return None
+    if opts.attention == "reference":
+        recorder.event(f"paged attention runs the plain-torch reference on {pool.device} (attention='reference')")
+        return None
     from .runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
 
     layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
@@ -343,4 +355,4 @@ def _calibrate_fp8_scales(model, pool, recorder):
                    f"{min(pool.k_scales):.3g}..{max(pool.k_scales):.3g}, V {min(pool.v_scales):.3g}..{max(pool.v_scales):.3g}")
 
 
-__all__ = ["optimize", "KernelstackGenerate", "kernelstack_attention"]
+__all__ = ["optimize", "restore", "KernelstackGenerate", "kernelstack_attention"]

@@ -15,6 +15,9 @@ _CONFIG_CLASSES = {
 }
 
 _REAL = {
+    "llama-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                                 rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=8192)),
     "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
                                    rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072)),

@@ -147,7 +147,7 @@ class XQADecode:
     def __init__(self, attention):
         self.attention = attention
 
-    def plan(self, meta_host):
+    def plan(self, page_table_host, kv_lens_host):
         """Nothing to plan: the kernel reads everything from the device."""
 
     def run(self, q, k, v, layer, scale, window_left, meta):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .metadata import BatchMetadata, build_batch_metadata
+from .metadata import BatchMetadata, DecodeMetadata, build_batch_metadata
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -148,6 +148,20 @@ class KVPool:
             seq.length += new
         return build_batch_metadata([self.sequences[s].pages for s in seq_ids],
                                     [self.sequences[s].length for s in seq_ids], list(new_tokens), self.page_size)
+
+    def decode_metadata(self, seq_ids):
+        """``DecodeMetadata`` (on the device) for a step whose token is each sequence's last, plus the host's
+        page table and lengths (what a planned decode kernel plans from). For tools and tests; the runner keeps
+        its own on the device."""
+        seqs = [self.sequences[s] for s in seq_ids]
+        table = torch.zeros(len(seqs), max(len(s.pages) for s in seqs), dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            table[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+        lens = torch.tensor([s.length for s in seqs], dtype=torch.int32)
+        last = (lens.long() - 1)
+        slots = table.long().gather(1, (last // self.page_size)[:, None])[:, 0] * self.page_size + last % self.page_size
+        meta = DecodeMetadata(slots.to(self.device), lens.to(self.device), table.to(self.device), self.page_size)
+        return meta, table, lens
 
     def release(self, seq_id) -> None:
         seq = self.sequences.pop(seq_id, None)

@@ -1,0 +1,1 @@
+"""Benchmarks users run: ``python -m ksbackend.bench --help``."""

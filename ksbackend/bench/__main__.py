@@ -1,0 +1,69 @@
+"""kernelstack benchmarks: every number is a ratio against baselines measured in the same process, plus
+bandwidth utilisation against the device-to-device copy bandwidth measured in the same run.
+Results, with the commands that made them: docs/benchmarks.md.
+
+    python -m ksbackend.bench generate                          # Llama-3.2-1B, batch 1 and 32, all systems
+    python -m ksbackend.bench generate --model llama-3.1-8b --model /path/to/checkpoint --batch 1 --batch 64
+    python -m ksbackend.bench overhead --png docs/overhead.png   # decode step split, batch 1..256
+    python -m ksbackend.bench attention                         # decode kernels at anchor and model shapes, fp8
+    python -m ksbackend.bench kernels                           # add+RMSNorm, RoPE, SiLU*mul, the sampler
+    python -m ksbackend.bench agreement                         # greedy agreement, teacher-forced KL vs fp32
+    python -m ksbackend.bench all
+
+Models: llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, mistral-7b, llama-135m, ... (ksbackend.models.REAL_MODELS;
+real shapes, random weights) or a local checkpoint directory.
+"""
+
+import argparse
+import sys
+
+import torch
+
+SECTIONS = ("generate", "overhead", "attention", "kernels", "agreement", "baseline")
+
+
+def main(argv=None):
+    from . import agreement, attention, generate, kernels, overhead
+    from .common import copy_bandwidth
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m ksbackend.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("all",) + SECTIONS)
+    parser.add_argument("--model", action="append", help="generate: a model name or checkpoint path (repeatable)")
+    parser.add_argument("--batch", type=int, action="append", help="generate: batch sizes (repeatable; default 1, 32)")
+    parser.add_argument("--systems", default=",".join(generate.SYSTEMS),
+                        help=f"generate: comma-separated subset of {','.join(generate.SYSTEMS)}")
+    parser.add_argument("--out", help="also write the markdown tables here")
+    parser.add_argument("--json", help="generate: also write every measurement as JSON here")
+    parser.add_argument("--png", default="docs/overhead.png", help="overhead: where the picture goes")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the benchmarks measure GPU kernels: run them on a CUDA machine")
+    bw = copy_bandwidth()
+    out = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth measured in this run: "
+           f"{bw / 1e12:.2f} TB/s (bytes read + written). Command: `python -m ksbackend.bench {' '.join(argv)}`"]
+    print(out[0], flush=True)
+    chosen = SECTIONS if args.what == "all" else (args.what,)
+    if "baseline" in chosen:
+        generate.baseline_check(out)
+    if "generate" in chosen:
+        systems = [s for s in args.systems.split(",") if s]
+        generate.run(bw, out, args.model or ["llama-3.2-1b"], args.batch or [1, 32], systems, args.json)
+    if "overhead" in chosen:
+        overhead.run(bw, out, png=args.png)
+    if "attention" in chosen:
+        attention.run(bw, out)
+    if "kernels" in chosen:
+        kernels.run(bw, out)
+    if "agreement" in chosen:
+        agreement.run(bw, out)
+    text = "\n".join(out)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

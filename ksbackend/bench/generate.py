@@ -1,0 +1,265 @@
+"""``model.generate`` end to end, systems side by side in one process: HF eager, HF static cache +
+torch.compile, kernelstack, and kernelstack with one layer switched off at a time.
+
+Per system: generate ms/token (prefill included), decode-only ms/token (two generate lengths differenced,
+so prefill and per-call setup cancel), tokens/s, bandwidth utilisation of the decode step (weights + KV
+read per step over the time, against the copy bandwidth of this run), first-call time and peak memory.
+For kernelstack also the decode graph replayed alone and a profiler's kernel count and summed kernel time:
+what the GPU does per step, beside what generate takes (the difference is what the host adds).
+"""
+
+import gc
+import os
+import time
+
+import torch
+
+from .common import table, wall
+
+SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
+SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "no-graphs", "no-fused-kernels", "no-flashinfer")
+VARIANTS = {"kernelstack": {}, "no-graphs": {"cuda_graphs": False},
+            "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
+                                                                        "act_and_mul"]}},
+            "no-flashinfer": {"attention": "reference"}}
+
+
+def load(name):
+    """A model by the benchmark's name (real shapes, random weights) or a local checkpoint directory."""
+    from transformers import AutoModelForCausalLM
+
+    from ksbackend.models import build_model, real_config
+
+    if os.path.isdir(name):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16).to("cuda").eval()
+    else:
+        model = build_model(real_config(name), dtype=torch.bfloat16, device="cuda")
+    model.generation_config.eos_token_id = None  # every system generates exactly the asked number of tokens
+    return model
+
+
+def scenario_prompts(model, batch, ragged):
+    from ksbackend.models import left_pad
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(64, 1025, (batch,), generator=gen).tolist() if ragged else [128] * batch
+    rows = [torch.randint(3, model.config.vocab_size, (n,), generator=gen) for n in lengths]
+    return (*left_pad(rows, device="cuda"), lengths)
+
+
+def timed_generate(model, ids, mask, new_tokens, **extra):
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+    return wall(lambda: model.generate(ids, **kwargs))
+
+
+def measure(model, ids, mask, **extra):
+    """First-call seconds, generate ms/token at LONG, decode-only ms/token, and the LONG output."""
+    _, first = timed_generate(model, ids, mask, SHORT, **extra)  # compiles, captures, warms up
+    _, short = timed_generate(model, ids, mask, SHORT, **extra)
+    out, long = timed_generate(model, ids, mask, LONG, **extra)
+    return dict(first_s=first, generate_ms=1e3 * long / LONG, decode_ms=1e3 * (long - short) / (LONG - SHORT),
+                prefill_ms=1e3 * (short - SHORT * (long - short) / (LONG - SHORT))), out
+
+
+def decode_bytes(model, lengths, step):
+    """Bytes one decode step must read: every weight once, plus the KV of every sequence so far."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    return weights + per_token * sum(n + step for n in lengths)
+
+
+def replay_alone(model, lengths, steps=64):
+    """The captured decode graph replayed back to back over a live batch of ``lengths``-token sequences:
+    ms per replay, kernels per replay and their summed time (profiler)."""
+    from ksbackend.runtime.model_runner import NewRow, RowParams
+
+    engine = model._kernelstack_engine
+    runner = engine.runner
+    graphs = runner.graphs.get(False)
+    if graphs is None:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    rows = [NewRow(("bench", i), torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist(), RowParams())
+            for i, n in enumerate(lengths)]
+    n = len(rows)
+    with engine._lock, torch.inference_mode():
+        for row in rows:
+            runner.pool.reserve(row.seq_id, len(row.tokens) + 3 * steps + 8)
+        try:
+            runner.add_rows(rows, runner.prefill(rows))
+            runner.decode(n, sampling=False)  # captures if needed
+            bucket = graphs.bucket_for(n)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                graphs.run(bucket)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / steps
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(8):
+                    graphs.run(bucket)
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and e.device_time > 0 and "Memcpy" not in e.name and "Memset" not in e.name]
+            return dict(replay_ms=ms, kernels=len(kernels) / 8, kernel_ms=sum(e.device_time for e in kernels) / 8e3,
+                        top=_top_kernels(kernels))
+        finally:
+            runner.keep_rows([])
+            for row in rows:
+                runner.pool.release(row.seq_id)
+
+
+def _top_kernels(kernels, count=6):
+    by_name = {}
+    for e in kernels:
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / 8e3
+    return sorted(by_name.items(), key=lambda kv: -kv[1])[:count]
+
+
+def run_model(bw, out, results, name, batches, systems):
+    import ksbackend
+
+    model = load(name)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for batch in batches:
+        ragged = batch > 1 and batch == 32
+        ids, mask, lengths = scenario_prompts(model, batch, ragged)
+        label = f"{batch} / {'ragged 64..1024' if ragged else '128'}"
+        measured, reference = {}, None
+        for system in systems:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            extra = {}
+            if system == "hf-static":
+                extra = dict(cache_implementation="static")
+            elif system in VARIANTS:
+                ksbackend.optimize(model, **VARIANTS[system])
+            try:
+                m, output = measure(model, ids, mask, **extra)
+            except Exception as exc:  # one system failing must not hide the others
+                print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
+                measured[system] = None
+                ksbackend.restore(model)
+                continue
+            m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            m["bw_util"] = decode_bytes(model, lengths, LONG // 2) / (m["decode_ms"] * 1e-3) / bw
+            if system == "hf-eager":
+                reference = output
+            elif reference is not None:
+                m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
+            if system == "kernelstack":
+                m["replay"] = replay_alone(model, lengths)
+                m["report"] = str(ksbackend.explain(model))
+                print(m["report"], flush=True)
+            if system in VARIANTS:
+                ksbackend.restore(model)
+                gc.collect()
+            measured[system] = m
+            print(f"{name} {label} {system}: {_summary(m)}", flush=True)
+        results.append(dict(model=name, batch=batch, scenario=label, weights_bytes=weights, systems=measured))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _summary(m):
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()
+                     if k not in ("report", "replay"))
+
+
+def tables(bw, out, results):
+    def main_rows():
+        for r in results:
+            s = r["systems"]
+            base = s.get("kernelstack")
+            for system, m in s.items():
+                if m is None:
+                    yield [r["model"], r["scenario"], system, "failed", "", "", "", "", "", "", ""]
+                    continue
+                vs = lambda key: (f"{s[key]['decode_ms'] / m['decode_ms']:.2f}x"  # noqa: E731
+                                  if s.get(key) and system != key else "")
+                yield [r["model"], r["scenario"], system, f"{m['generate_ms']:.2f}", f"{m['decode_ms']:.2f}",
+                       f"{1e3 * int(r['scenario'].split()[0]) / m['decode_ms']:.0f}", f"{m['bw_util']:.0%}",
+                       vs("hf-eager"), vs("hf-static"),
+                       f"{m['first_s']:.1f}", f"{m['peak_gib']:.1f}"]
+            if base and base.get("replay"):
+                rp = base["replay"]
+                yield [r["model"], r["scenario"], "kernelstack graph replayed alone", "", f"{rp['replay_ms']:.2f}", "",
+                       f"{decode_bytes_from(r, bw) / (rp['replay_ms'] * 1e-3):.0%}", "", "",
+                       f"{rp['kernels']:.0f} kernels, {rp['kernel_ms']:.2f} ms summed",
+                       f"generate / replay {base['decode_ms'] / rp['replay_ms']:.2f}x"]
+
+    table(out, "model.generate, greedy, bf16 (decode ms/token = (t(144 new) - t(16 new)) / 128)",
+          ["model", "batch / prompts", "system", "generate ms/token (prefill incl.)", "decode ms/token", "tokens/s",
+           "decode BW util", "speedup vs HF eager", "speedup vs HF static+compile", "first call s", "peak GiB"],
+          main_rows())
+    kernel_rows = [[r["model"], r["scenario"], name, f"{ms:.3f}"] for r in results
+                   if (r["systems"].get("kernelstack") or {}).get("replay")
+                   for name, ms in r["systems"]["kernelstack"]["replay"]["top"]]
+    table(out, "Where a kernelstack decode replay spends its time (top kernels, ms per step)",
+          ["model", "batch / prompts", "kernel", "ms"], kernel_rows)
+
+
+def decode_bytes_from(result, bw):
+    """Bytes per decode step for a result row, from the kernelstack figures (bw_util * time * bw)."""
+    m = result["systems"]["kernelstack"]
+    return m["bw_util"] * m["decode_ms"] * 1e-3 * bw
+
+
+def baseline_check(out, name="llama-3.2-1b"):
+    """Why the in-process HF eager baseline can differ from a plain script: time HF eager generate (batch 1,
+    128-token prompt) as a plain script does and as this benchmark does, in this process and in a fresh one."""
+    import subprocess
+    import sys
+
+    model = load(name)
+    ids, mask, _ = scenario_prompts(model, 1, False)
+    plain = dict(max_new_tokens=64)
+    variants = {"plain (max_new_tokens only)": plain,
+                "bench kwargs (mask, pad, greedy)": dict(attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                                          pad_token_id=0)}
+    rows = []
+    for label, kwargs in variants.items():
+        model.generate(ids, **dict(kwargs, max_new_tokens=4))
+        _, t = wall(lambda: model.generate(ids, **kwargs))
+        rows.append(["this process", label, f"{1e3 * t / 64:.2f}"])
+    script = (f"import torch, time; from ksbackend.bench.generate import load, scenario_prompts; m = load({name!r}); "
+              "ids = scenario_prompts(m, 1, False)[0]; m.generate(ids, max_new_tokens=4); torch.cuda.synchronize(); "
+              "t = time.perf_counter(); m.generate(ids, max_new_tokens=64); torch.cuda.synchronize(); "
+              "print(1e3 * (time.perf_counter() - t) / 64)")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    rows.append(["fresh process", "plain", fresh.stdout.strip().splitlines()[-1] if fresh.returncode == 0
+                 else f"failed: {fresh.stderr[-200:]}"])
+    table(out, f"HF eager baseline check ({name}, batch 1, 64 new tokens, ms/token)", ["where", "call", "ms/token"],
+          rows)
+    del model
+    torch.cuda.empty_cache()
+
+
+def run(bw, out, models, batches, systems, json_path=None):
+    results = []
+    start = time.perf_counter()
+    for name in models:
+        run_model(bw, out, results, name, batches, systems)
+    tables(bw, out, results)
+    out.append(f"\nGenerate section: {time.perf_counter() - start:.0f} s for {len(models)} models x {len(batches)} "
+               f"batch sizes x {len(systems)} systems.")
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(dict(copy_bandwidth=bw, results=_jsonable(results)), f, indent=1)
+    return results
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+

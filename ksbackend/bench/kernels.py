@@ -1,0 +1,93 @@
+"""The generated and hand-written Triton kernels against eager, torch.compile and FlashInfer: fused
+add+RMSNorm, RoPE on q and k, SiLU*mul, and the fused sampler."""
+
+import torch
+
+from .common import bench_us, table
+
+BF16 = dict(device="cuda", dtype=torch.bfloat16)
+
+
+def add_rms_norm(bw, out):
+    import flashinfer
+
+    from ksbackend.kernels.rms_norm import rms_norm_triton
+
+    def eager(x, r, w):
+        s = x + r
+        h = s.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype), s
+
+    compiled = torch.compile(eager)
+
+    def rows():
+        for n, h in [(1, 2048), (32, 4096), (4096, 4096)]:
+            x, r, w = torch.randn(n, h, **BF16), torch.randn(n, h, **BF16), torch.randn(h, **BF16)
+            t_eager, t_comp = bench_us(lambda: eager(x, r, w)), bench_us(lambda: compiled(x, r, w))
+            xi, ri = x.clone(), r.clone()
+            t_fi = bench_us(lambda: flashinfer.fused_add_rmsnorm(xi, ri, w, 1e-5))
+            t_ks = bench_us(lambda: rms_norm_triton(x, w, 1e-5, 0.0, torch.bfloat16, torch.bfloat16, residual=r))
+            floor = (4 * n * h + h) * 2 / bw * 1e6
+            yield [f"{n} x {h}", f"{t_eager:.1f}", f"{t_comp:.1f}", f"{t_fi:.1f}", f"{t_ks:.1f}", f"{floor:.1f}",
+                   f"{floor / t_ks:.0%}", f"{t_comp / t_ks:.2f}x", f"{t_fi / t_ks:.2f}x"]
+
+    table(out, "Fused residual add + RMSNorm (bf16, eps 1e-5), microseconds",
+          ["tokens x hidden", "eager (HF chain)", "torch.compile", "flashinfer fused_add_rmsnorm",
+           "kernelstack (generated)", "HBM floor", "BW util", "vs compile", "vs flashinfer"], rows())
+
+
+def rope(bw, out):
+    from ksbackend.kernels.rope import rope_triton
+    from ksbackend.ops.rope import rotate_half
+
+    def eager(q, k, cos, sin):
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    compiled = torch.compile(eager)
+
+    def rows():
+        for t in (1, 32, 4096):
+            q = torch.randn(1, t, 32, 128, **BF16).transpose(1, 2)
+            k = torch.randn(1, t, 8, 128, **BF16).transpose(1, 2)
+            angle = torch.rand(1, 1, t, 128, device="cuda") * 6.3
+            cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+            t_eager, t_comp = bench_us(lambda: eager(q, k, cos, sin)), bench_us(lambda: compiled(q, k, cos, sin))
+            t_ks = bench_us(lambda: rope_triton(q, k, cos, sin))
+            floor = (2 * t * 40 * 128 + 2 * t * 128) * 2 / bw * 1e6
+            yield [t, f"{t_eager:.1f}", f"{t_comp:.1f}", f"{t_ks:.1f}", f"{floor:.1f}", f"{floor / t_ks:.0%}",
+                   f"{t_comp / t_ks:.2f}x"]
+
+    table(out, "RoPE on q and k (bf16, 32 q / 8 kv heads, head_dim 128), microseconds",
+          ["tokens", "eager (HF chain)", "torch.compile", "kernelstack", "HBM floor", "BW util", "vs compile"], rows())
+
+
+def silu_and_mul(bw, out):
+    import flashinfer
+
+    from ksbackend.kernels.act_and_mul import act_and_mul_triton
+
+    def eager(g, u):
+        return torch.nn.functional.silu(g) * u
+
+    compiled = torch.compile(eager)
+
+    def rows():
+        for n, h in [(1, 8192), (32, 14336), (4096, 14336)]:
+            g, u = torch.randn(n, h, **BF16), torch.randn(n, h, **BF16)
+            gu = torch.cat([g, u], -1)
+            t_eager, t_comp = bench_us(lambda: eager(g, u)), bench_us(lambda: compiled(g, u))
+            t_fi = bench_us(lambda: flashinfer.silu_and_mul(gu))
+            t_ks = bench_us(lambda: act_and_mul_triton(g, u, "silu"))
+            floor = 3 * n * h * 2 / bw * 1e6
+            yield [f"{n} x {h}", f"{t_eager:.1f}", f"{t_comp:.1f}", f"{t_fi:.1f}", f"{t_ks:.1f}", f"{floor:.1f}",
+                   f"{floor / t_ks:.0%}", f"{t_comp / t_ks:.2f}x"]
+
+    table(out, "SiLU(gate) * up (bf16), microseconds",
+          ["tokens x intermediate", "eager", "torch.compile", "flashinfer silu_and_mul", "kernelstack (generated)",
+           "HBM floor", "BW util", "vs compile"], rows())
+
+
+def run(bw, out):
+    add_rms_norm(bw, out)
+    rope(bw, out)
+    silu_and_mul(bw, out)
