@@ -12,8 +12,7 @@ import time
 
 import torch
 
-from passes import DEFAULT_PASSES, RMSNormPass, as_pass, run_passes
-from passes.base import kernelstack_op
+import passes  # the module, not its names: ``import passes`` first imports ksbackend while passes is half done
 
 from . import ops
 from .config import BackendOptions
@@ -36,13 +35,13 @@ def recording_into(recorder):
 
 def select_passes(opts: BackendOptions):
     chosen = []
-    for graph_pass in DEFAULT_PASSES:
+    for graph_pass in passes.DEFAULT_PASSES:
         if graph_pass.name in opts.disable_passes:
             continue
-        if isinstance(graph_pass, RMSNormPass) and graph_pass.fuse_residual_add != opts.fuse_residual_add:
-            graph_pass = RMSNormPass(fuse_residual_add=opts.fuse_residual_add)
+        if isinstance(graph_pass, passes.RMSNormPass) and graph_pass.fuse_residual_add != opts.fuse_residual_add:
+            graph_pass = passes.RMSNormPass(fuse_residual_add=opts.fuse_residual_add)
         chosen.append(graph_pass)
-    return chosen + [as_pass(p) for p in opts.extra_passes]
+    return chosen + [passes.as_pass(p) for p in opts.extra_passes]
 
 
 def _graph_device(example_inputs) -> str:
@@ -59,6 +58,21 @@ def _input_shapes(gm) -> str:
     return ", ".join(str(list(v.shape)) for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
 
 
+def _pack_weights(gm, example_inputs) -> int:
+    """Lay out the weights each fused GEMM reads back to back, once (the parameters become views of one
+    buffer: same values, no extra memory). Returns how many groups now read one buffer."""
+    from .ops.linear import pack_adjacent
+
+    inputs = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    packed = 0
+    for node in gm.graph.nodes:
+        for names in node.meta.get(passes.projections.PACK_META, ()):
+            tensors = [inputs.get(name) for name in names]
+            if all(isinstance(t, torch.Tensor) for t in tensors) and pack_adjacent(tensors):
+                packed += 1
+    return packed
+
+
 def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **unexpected):
     """Rewrite ``gm`` onto kernelstack ops, then compile the rest (Inductor) or run it as FX."""
     if unexpected:
@@ -69,8 +83,8 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
     device = _graph_device(example_inputs)
     report = GraphReport(index=len(GLOBAL.graphs), device=device, executor=opts.executor,
                          nodes_before=len(gm.graph.nodes), inputs=_input_shapes(gm))
-    report.passes = run_passes(gm, select_passes(opts))
-    counts = collections.Counter(name for name in map(kernelstack_op, gm.graph.nodes) if name)
+    report.passes = passes.run_passes(gm, select_passes(opts))
+    counts = collections.Counter(name for name in map(passes.base.kernelstack_op, gm.graph.nodes) if name)
     report.ops = dict(counts)
     report.implementations = {name: ops.implementation(name, device) for name in counts}
     report.nodes_after = len(gm.graph.nodes)
@@ -83,6 +97,8 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
 
         patches = list_mode_options(opts.mode) if opts.mode not in (None, "default") else {}
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    # after compiling: AOTAutograd fakifies these very tensors against what Dynamo recorded of them
+    report.packed = _pack_weights(gm, example_inputs)
     report.compile_ms = (time.perf_counter() - start) * 1e3
     for recorder in _recorders:
         recorder.add_graph(report)

@@ -26,6 +26,7 @@ class GraphReport:
     purpose: str = ""  # the path this graph serves (e.g. "prefill", "decode"), when known
     reason: str = ""  # why it was compiled: the first call of its path, or the guard that failed
     inputs: str = ""  # the example inputs' shapes (symbols are dynamic dimensions)
+    packed: int = 0  # weight groups laid out back to back for a fused GEMM
 
     def pass_result(self, name):
         return next((p for p in self.passes if p.name == name), None)
@@ -47,6 +48,8 @@ class GraphReport:
             for reason, count in reasons.items():
                 example = next(site for site, r in p.left if r == reason)
                 lines.append(f"      - left {count}x: {reason} (e.g. {example})")
+        if self.packed:
+            lines.append(f"  weights: {self.packed} groups laid out back to back (one GEMM each reads one buffer)")
         for op, count in sorted(self.ops.items()):
             lines.append(f"  op {op:<28} x{count:<4} runs as: {self.implementations.get(op, '?')}")
         return "\n".join(lines)

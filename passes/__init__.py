@@ -10,17 +10,20 @@ from .activation import ActivationMulPass
 from .attention import AttentionPass
 from .base import FunctionPass, GraphPass, PassResult
 from .pipeline import run_passes
+from .projections import ProjectionFusionPass
 from .rms_norm import RMSNormPass
 from .rope import RopePass
 from .rope_table import RopeTablePass
 
-# Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP.
+# Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP, and
+# last the projections (their outputs are sliced views the earlier patterns need not know about).
 DEFAULT_PASSES: list[GraphPass] = [
     RopeTablePass(),
     RopePass(),
     AttentionPass(),
     RMSNormPass(),
     ActivationMulPass(),
+    ProjectionFusionPass(),
 ]
 
 
@@ -56,4 +59,5 @@ def unregister_pass(name: str) -> None:
 
 
 __all__ = ["DEFAULT_PASSES", "GraphPass", "FunctionPass", "PassResult", "register_pass", "unregister_pass",
-           "run_passes", "as_pass", "AttentionPass", "RMSNormPass", "RopePass", "RopeTablePass", "ActivationMulPass"]
+           "run_passes", "as_pass", "AttentionPass", "RMSNormPass", "RopePass", "RopeTablePass", "ActivationMulPass",
+           "ProjectionFusionPass"]
