@@ -13,10 +13,12 @@ from .pipeline import run_passes
 from .projections import ProjectionFusionPass
 from .rms_norm import RMSNormPass
 from .rope import RopePass
+from .rope_attention import RopeIntoAttentionPass
 from .rope_table import RopeTablePass
 
-# Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP, and
-# last the projections (their outputs are sliced views the earlier patterns need not know about).
+# Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP, the
+# projections (their outputs are sliced views the earlier patterns need not know about), and last the
+# rotations moved into the paged attention that reads them (the rope pass made them first).
 DEFAULT_PASSES: list[GraphPass] = [
     RopeTablePass(),
     RopePass(),
@@ -24,6 +26,7 @@ DEFAULT_PASSES: list[GraphPass] = [
     RMSNormPass(),
     ActivationMulPass(),
     ProjectionFusionPass(),
+    RopeIntoAttentionPass(),
 ]
 
 
@@ -60,4 +63,4 @@ def unregister_pass(name: str) -> None:
 
 __all__ = ["DEFAULT_PASSES", "GraphPass", "FunctionPass", "PassResult", "register_pass", "unregister_pass",
            "run_passes", "as_pass", "AttentionPass", "RMSNormPass", "RopePass", "RopeTablePass", "ActivationMulPass",
-           "ProjectionFusionPass"]
+           "ProjectionFusionPass", "RopeIntoAttentionPass"]

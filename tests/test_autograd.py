@@ -20,7 +20,7 @@ from .conftest import compile_fx
 
 ks = torch.ops.kernelstack
 F64 = dict(dtype=torch.float64, requires_grad=True)
-PASSES = ("rope_cos_sin", "rope", "attention", "rms_norm", "act_and_mul")
+PASSES = ("rope_cos_sin", "rope", "attention", "rms_norm", "act_and_mul", "projections")
 
 
 @contextlib.contextmanager
@@ -115,6 +115,24 @@ def test_act_and_mul_gradcheck(activation):
     gate, up = torch.randn(3, 7, 13, **F64), torch.randn(3, 7, 13, **F64)
     assert torch.autograd.gradcheck(lambda g, u: ks.act_and_mul(g, u, activation), (gate, up))
     torch.library.opcheck(ks.act_and_mul.default, (gate.float(), up.float(), activation))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cat_gradcheck_and_packed_weights(bias):
+    """Gradients of the fused GEMM equal the separate linears'; packing changes no value."""
+    from ksbackend.ops.linear import adjacent_base, pack_adjacent
+
+    x = torch.randn(2, 3, 5, **F64)
+    weights = [torch.randn(n, 5, **F64) for n in (4, 2, 3)]
+    biases = [torch.randn(n, **F64) for n in (4, 2, 3)] if bias else []
+    assert torch.autograd.gradcheck(lambda x, *p: ks.linear_cat(x, list(p[:3]), list(p[3:])), (x, *weights, *biases))
+    torch.library.opcheck(ks.linear_cat.default, (x.float(), [w.float() for w in weights],
+                                                  [b.float() for b in biases]))
+    params = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    before = ks.linear_cat(x.detach(), params, [])
+    assert adjacent_base(params) is None and pack_adjacent(params) and adjacent_base(params) is not None
+    assert torch.equal(ks.linear_cat(x.detach(), params, []), before)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
 
 
 def attention_masks(t, s):

@@ -76,6 +76,33 @@ def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
     assert q_out.transpose(1, 2).is_contiguous()  # token-major, as the op contract fixes
 
 
+@pytest.mark.parametrize("hq,hk,d,page", [(4, 2, 16, 4), (3, 1, 24, 8), (8, 8, 64, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_append_kernel_writes_what_rope_then_pool_write_would(hq, hk, d, page, dtype):
+    """The fused kernel against the unfused path: rope's rotation, then KVPool.write into the slots."""
+    from ksbackend.kernels.rope_append import rope_append_triton
+    from ksbackend.runtime.kv_pool import KVPool
+
+    dev = device_for_test()
+    n = 6
+    q = torch.randn(1, n, hq, d, dtype=dtype, device=dev).transpose(1, 2)  # projection views, as HF leaves them
+    k = torch.randn(1, n, hk, d, dtype=dtype, device=dev).transpose(1, 2)
+    v = torch.randn(1, n, hk, d, dtype=dtype, device=dev).transpose(1, 2)[0].transpose(0, 1)
+    angle = torch.rand(1, 1, n, d, device=dev) * 6.3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    pools = [KVPool(1, hk, d, 8, page, dtype, dev) for _ in range(2)]
+    pools[0].caches[0].normal_()  # slots the step does not write must stay as they were
+    pools[1].caches[0].copy_(pools[0].caches[0])
+    slots = torch.randperm(8 * page, device=dev)[:n]
+    q_ref, k_ref = torch.ops.kernelstack.rope(q, k, cos, sin)
+    pools[0].write(0, k_ref[0].transpose(0, 1), v, slots)
+    q_out, k_out = rope_append_triton(q, k, v, cos, sin, pools[1].caches[0], slots)
+    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], 8 * torch.finfo(dtype).eps))
+    torch.testing.assert_close(q_out, q_ref[0].transpose(0, 1), **tol)
+    torch.testing.assert_close(k_out, k_ref[0].transpose(0, 1), **tol)
+    torch.testing.assert_close(pools[1].caches[0], pools[0].caches[0], **tol)
+
+
 def test_generated_kernels_are_cached_by_chain_structure():
     from ksbackend.kernels.generator import compile_chain
     from ksbackend.kernels.rms_norm import rms_norm_chain

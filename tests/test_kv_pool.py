@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from ksbackend.ops.paged_attention import paged_attention_reference
 from ksbackend.runtime.kv_pool import KVPool, KVPoolExhausted, PageAllocator
+from ksbackend.runtime.metadata import build_batch_metadata
 
 
 @settings(max_examples=60, deadline=None)
@@ -98,3 +99,39 @@ def test_paged_attention_reference_matches_dense_causal_attention(window_left):
             allowed &= pos[None, :] >= pos[:, None] - window_left
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(torch.cat(outs[b]), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window_left", [-1, 3])
+def test_decode_reference_reads_the_page_table_like_the_prefill_reference(window_left):
+    """The device-side decode path (dense page table, lengths) attends exactly like the CSR path."""
+    torch.manual_seed(0)
+    pool = KVPool(1, 2, 8, 64, 4, torch.float32, "cpu")
+    pool.extend([0, 1, 2], [7, 1, 13])
+    pool.extend([0, 1, 2], [1, 1, 1])
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    meta, _, _ = pool.decode_metadata([0, 1, 2])
+    decode = paged_attention_reference(q, k, v, 0, 0.3, window_left, pool, meta)
+    csr = build_batch_metadata([pool.sequences[s].pages for s in range(3)], [s.length for s in pool.sequences.values()],
+                               [1, 1, 1], 4)
+    torch.testing.assert_close(decode, paged_attention_reference(q, k, v, 0, 0.3, window_left, pool, csr))
+
+
+def test_rope_paged_attention_is_rope_then_paged_attention():
+    from ksbackend.runtime.context import ForwardContext, forward_context
+
+    torch.manual_seed(0)
+    pools = [KVPool(1, 2, 8, 64, 4, torch.float32, "cpu") for _ in range(2)]
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    v = torch.randn(5, 2, 8)
+    angle = torch.rand(1, 1, 5, 8) * 6.3
+    outs = []
+    for pool, fused in zip(pools, (False, True)):
+        meta = pool.extend([0, 1], [2, 3])
+        with forward_context(ForwardContext(pool, meta)):
+            if fused:
+                outs.append(torch.ops.kernelstack.rope_paged_attention(q, k, v, angle.cos(), angle.sin(), 0, 0.3, -1))
+            else:
+                q_rot, k_rot = torch.ops.kernelstack.rope(q, k, angle.cos(), angle.sin())
+                outs.append(torch.ops.kernelstack.paged_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1),
+                                                                  v, 0, 0.3, -1))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(pools[0].caches[0], pools[1].caches[0])

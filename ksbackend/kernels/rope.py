@@ -15,6 +15,17 @@ from .generator import next_power_of_2
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos1, sin1, cos2, sin2):
+    """(x1*cos1 - x2*sin1, x2*cos2 + x1*sin2) in fp32, each product rounded to x's dtype first, as
+    ``q * cos + rotate_half(q) * sin`` rounds them in eager."""
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    out1 = (x1f * cos1).to(dt).to(tl.float32) - (x2f * sin1).to(dt).to(tl.float32)
+    out2 = (x2f * cos2).to(dt).to(tl.float32) + (x1f * sin2).to(dt).to(tl.float32)
+    return out1, out2
+
+
+@triton.jit
 def _rotate(x_ptr, o_ptr, cos1, sin1, cos2, sin2, b, t, sxb, sxh, sxt, sob, soh, sot, n_heads,
             HALF: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr):
     heads = tl.arange(0, HEADS)[:, None]
@@ -23,10 +34,7 @@ def _rotate(x_ptr, o_ptr, cos1, sin1, cos2, sin2, b, t, sxb, sxh, sxt, sob, soh,
     base = x_ptr + b * sxb + t * sxt + heads * sxh
     x1 = tl.load(base + dims, mask=mask, other=0.0)
     x2 = tl.load(base + HALF + dims, mask=mask, other=0.0)
-    dt = x1.dtype
-    # out1 = x1*cos1 + (-x2)*sin1 ; out2 = x2*cos2 + x1*sin2, each product rounded like eager
-    out1 = (x1.to(tl.float32) * cos1).to(dt).to(tl.float32) - (x2.to(tl.float32) * sin1).to(dt).to(tl.float32)
-    out2 = (x2.to(tl.float32) * cos2).to(dt).to(tl.float32) + (x1.to(tl.float32) * sin2).to(dt).to(tl.float32)
+    out1, out2 = rotate_halves(x1, x2, cos1, sin1, cos2, sin2)
     obase = o_ptr + b * sob + t * sot + heads * soh
     tl.store(obase + dims, out1.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(obase + HALF + dims, out2.to(o_ptr.dtype.element_ty), mask=mask)

@@ -1,5 +1,7 @@
 """``kernelstack::paged_attention``: append this step's K/V to the paged pool, then attend over each
-sequence's cached tokens, ragged (no padding anywhere).
+sequence's cached tokens, ragged (no padding anywhere). ``kernelstack::rope_paged_attention`` is the same
+with the rotary embedding of q and k done first (the rope_into_attention pass makes it: on CUDA one
+kernel rotates and appends, then the attention kernel runs).
 
 Inputs are the flattened token stream of the step: q [N, Hq, D], k/v [N, Hkv, D]. Which tokens belong
 to which sequence, their positions and pages come from the forward context, not from the graph, so
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.context import get_forward_context
+from .rope import rope as rope_op
 from ..runtime.metadata import DecodeMetadata
 
 
@@ -87,3 +90,17 @@ def _unreachable_backward(ctx, grad):
 # setup_context runs exactly when autograd would record the op (grad mode on, an input requiring grad),
 # so the error comes at the call, not at a later backward.
 paged_attention.register_autograd(_unreachable_backward, setup_context=_refuse_gradient)
+
+
+@torch.library.custom_op("kernelstack::rope_paged_attention", mutates_args=())
+def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         layer: int, scale: float, window_left: int) -> torch.Tensor:
+    """q [1, Hq, N, D] and k [1, Hkv, N, D] before RoPE (the projections' views), v [N, Hkv, D], cos/sin
+    broadcastable to [1, 1, N, D]. Reference: ``rope`` then ``paged_attention``."""
+    q_rot, k_rot = rope_op(q, k, cos, sin)
+    return paged_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, layer, scale, window_left)
+
+
+@rope_paged_attention.register_fake
+def _(q, k, v, cos, sin, layer, scale, window_left):
+    return q.new_empty((q.shape[2], q.shape[1], v.shape[-1]), dtype=torch.promote_types(q.dtype, cos.dtype))

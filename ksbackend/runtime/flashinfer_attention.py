@@ -126,22 +126,35 @@ class FlashInferAttention:
             window_left=self.window_left, kv_layout="NHD")
 
 
-class PrefillAttention:
+class StepAttention:
+    """One step's attention: ``run`` writes this step's K/V through the pool, then ``attend``s. A caller that
+    already wrote them (the fused RoPE + append kernel) calls ``attend`` alone."""
+
+    attention: FlashInferAttention
+
+    def run(self, q, k, v, layer, scale, window_left, meta):
+        self.attention.check(layer, scale, window_left)
+        self.attention.pool.write(layer, k, v, meta.slots)
+        return self.attend(q, k, v, layer, meta)
+
+    def attend(self, q, k, v, layer, meta):
+        raise NotImplementedError
+
+
+class PrefillAttention(StepAttention):
     """A planned prefill step: the wrapper whose plan this step made."""
 
     def __init__(self, attention, wrapper, paged):
         self.attention, self.wrapper, self.paged = attention, wrapper, paged
 
-    def run(self, q, k, v, layer, scale, window_left, meta):
+    def attend(self, q, k, v, layer, meta):
         a = self.attention
-        a.check(layer, scale, window_left)
-        a.pool.write(layer, k, v, meta.slots)
         if self.paged:
             return self.wrapper.run(q.contiguous(), a.pool.caches[layer], **a.fp8_scale_kwargs(layer))
         return self.wrapper.run(q.contiguous(), k.contiguous(), v.contiguous())
 
 
-class XQADecode:
+class XQADecode(StepAttention):
     """XQA reads the page table and lengths the step's ``DecodeMetadata`` holds on the device: no plan."""
 
     def __init__(self, attention):
@@ -150,14 +163,11 @@ class XQADecode:
     def plan(self, page_table_host, kv_lens_host):
         """Nothing to plan: the kernel reads everything from the device."""
 
-    def run(self, q, k, v, layer, scale, window_left, meta):
-        a = self.attention
-        a.check(layer, scale, window_left)
-        a.pool.write(layer, k, v, meta.slots)
-        return a._xqa(q.contiguous(), layer, meta.page_table, meta.kv_lens)
+    def attend(self, q, k, v, layer, meta):
+        return self.attention._xqa(q.contiguous(), layer, meta.page_table, meta.kv_lens)
 
 
-class PlannedDecode:
+class PlannedDecode(StepAttention):
     """FlashInfer's decode wrapper (tensor-core or cuda-core kernel), planned on the host before each step.
     For a CUDA-graph bucket its plan buffers are fixed (``use_cuda_graph=True``)."""
 
@@ -181,8 +191,6 @@ class PlannedDecode:
                           window_left=a.window_left, q_data_type=a.q_dtype, kv_data_type=pool.dtype,
                           sm_scale=a.sm_scale)
 
-    def run(self, q, k, v, layer, scale, window_left, meta):
+    def attend(self, q, k, v, layer, meta):
         a = self.attention
-        a.check(layer, scale, window_left)
-        a.pool.write(layer, k, v, meta.slots)
         return self.wrapper.run(q.contiguous(), a.pool.caches[layer], **a.fp8_scale_kwargs(layer))
