@@ -34,16 +34,24 @@ def _rope(q, k, cos, sin):
     return rope_triton(q, k, cos, sin)
 
 
+def _sample(logits, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,
+            token_counts, allowed_bitmask, greedy, seed, offset):
+    from .sampler import sample_triton
+
+    return sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
+                         presence_penalty, token_counts, allowed_bitmask, greedy, seed, offset)
+
+
 def register_cuda_kernels():
     for name, fn, what in [
         ("rms_norm", _rms_norm, "generated Triton row kernel"),
         ("add_rms_norm", _add_rms_norm, "generated Triton row kernel (residual add fused)"),
         ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
         ("rope", _rope, "Triton kernel (q and k in one launch)"),
+        ("sample", _sample, "Triton sampler (2 launches, no sort: per-chunk shortlists, per-row warpers and draw)"),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
     ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill; paged decode by the kernel the runtime report names)")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
     ops.register_implementation("rope_cos_sin", "cuda", "torch pointwise ops (fused by Inductor)")
-    ops.register_implementation("sample", "cuda", "torch sort/cumsum sampler")
