@@ -16,6 +16,7 @@ import passes  # the module, not its names: ``import passes`` first imports ksba
 
 from . import ops
 from .config import BackendOptions
+from .distributed import collective_ops
 from .report import GLOBAL, GraphReport
 
 log = logging.getLogger("ksbackend")
@@ -86,6 +87,7 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
     report.passes = passes.run_passes(gm, select_passes(opts))
     counts = collections.Counter(name for name in map(passes.base.kernelstack_op, gm.graph.nodes) if name)
     report.ops = dict(counts)
+    report.collectives = collective_ops(gm)
     report.implementations = {name: ops.implementation(name, device) for name in counts}
     report.nodes_after = len(gm.graph.nodes)
 

@@ -27,6 +27,7 @@ class GraphReport:
     reason: str = ""  # why it was compiled: the first call of its path, or the guard that failed
     inputs: str = ""  # the example inputs' shapes (symbols are dynamic dimensions)
     packed: int = 0  # weight groups laid out back to back for a fused GEMM
+    collectives: dict = field(default_factory=dict)  # collective -> count, kept as is (tensor parallel)
 
     def pass_result(self, name):
         return next((p for p in self.passes if p.name == name), None)
@@ -52,6 +53,8 @@ class GraphReport:
             lines.append(f"  weights: {self.packed} groups laid out back to back (one GEMM each reads one buffer)")
         for op, count in sorted(self.ops.items()):
             lines.append(f"  op {op:<28} x{count:<4} runs as: {self.implementations.get(op, '?')}")
+        for name, count in sorted(self.collectives.items()):
+            lines.append(f"  collective {name} x{count} kept (tensor parallel)")
         return "\n".join(lines)
 
 
