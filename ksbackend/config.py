@@ -100,6 +100,7 @@ class RuntimeOptions:
     cuda_graphs: bool = True  # replay decode from CUDA graphs captured per bucket (CUDA only)
     decode_kernel: str = "auto"  # one of DECODE_KERNELS
     attention: str = "auto"  # "auto": FlashInfer on CUDA where it serves; "reference": the plain-torch paged path
+    compile_cache: bool = True  # reuse compiled graphs across processes (~/.cache/kernelstack, $KERNELSTACK_CACHE_DIR)
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod

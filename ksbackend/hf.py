@@ -16,19 +16,24 @@ runner over its own weights; concurrent ``generate`` calls on one model run one 
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import threading
 import time
+import types
 import warnings
+from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation import logits_process, stopping_criteria
+from transformers.generation import GenerateDecoderOnlyOutput, logits_process, stopping_criteria
 
 from .backend import kernelstack_backend, recording_into
+from .compile_cache import CompileCache, progress
 from .config import RuntimeOptions
+from .distributed import agree_on_min, local_attention_heads
 from .report import Recorder
 from .runtime.kv_pool import KVPool
 from .runtime.model_runner import ModelRunner, RowParams
@@ -44,9 +49,11 @@ RESERVE_TOKENS = 256  # pages are reserved this many tokens ahead, so the decode
 FP8_CALIBRATION = (2, 256)  # sequences x tokens of the fixed probe that sets the fp8 KV scales
 FP8_HEADROOM = 4.0  # scale = probe's |max| * headroom / 448: e4m3 is floating point, range costs little precision
 
-# Generation settings that change what generate returns and that the fast path does not produce yet.
-_OUTPUT_SETTINGS = {"num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
-                    "output_logits": False, "output_attentions": False, "output_hidden_states": False}
+# Outputs the fast path does not produce (return_dict_in_generate alone gives ``sequences``).
+_OUTPUT_SETTINGS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+# generate() arguments only Hugging Face's own loop serves.
+_HF_ONLY_ARGUMENTS = ("prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
+                      "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
 _FAST_CRITERIA = (stopping_criteria.MaxLengthCriteria, stopping_criteria.EosTokenCriteria)
 
 
@@ -132,7 +139,27 @@ class KernelstackGenerate:
     def runtime(self):
         if self._runtime is None:
             self._runtime = _build_runtime(self.model, self.opts, self.recorder)
+            self.compile_cache = CompileCache.for_model(self.model, dataclasses.asdict(self.opts),
+                                                        enabled=self.opts.compile_cache)
         return self._runtime
+
+    def _compiling(self):
+        """Around every call that may compile: the compile cache (loads before the first compile, saves after
+        any), a progress bar while the first call compiles prefill and decode, and the cache's line in the
+        explain report whenever a graph was compiled."""
+        stack = contextlib.ExitStack()
+        before = len(self.recorder.graphs)
+
+        def report():
+            if len(self.recorder.graphs) > before:
+                self.recorder.event(self.compile_cache.describe())
+
+        stack.callback(report)  # registered first, so it runs last: after the cache saved
+        stack.enter_context(self.compile_cache)
+        if not before:
+            bar = stack.enter_context(progress(2, "kernelstack: compiling"))
+            stack.enter_context(recording_into(types.SimpleNamespace(add_graph=lambda graph: bar.update())))
+        return stack
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """Drop-in for ``model.generate``: returns the same [B, prompt + new] token ids as HF."""
@@ -143,22 +170,28 @@ class KernelstackGenerate:
             self.recorder.event(message, logging.WARNING)
             return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
         with self._lock, torch.inference_mode(), recording_into(self.recorder):
-            return self._generate(*resolved)
+            return self._generate(resolved)
 
     def score(self, prompts, targets):
         """Teacher-forced next-token log-probs along ``targets`` (see ``ModelRunner.score``)."""
         with self._lock, recording_into(self.recorder):
-            return self.runner.score(prompts, targets)
+            runner = self.runner
+            with self._compiling():
+                return runner.score(prompts, targets)
 
     # -- Hugging Face's semantics ------------------------------------------------------------------------
     def _resolve(self, inputs, generation_config, kwargs):
-        """HF's own preparation of the generation config, special tokens, mask and lengths; returns either
-        what the fast path needs or the list of reasons it cannot run this call."""
+        """HF's own preparation of the generation config, special tokens, mask, lengths, logits processors and
+        stopping criteria; returns either a ``_Call`` the fast path runs or the reasons it cannot run this one."""
         model = self.model
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
+        user_processors = kwargs.pop("logits_processor", None) or []
+        user_criteria = kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        streamer, tokenizer = kwargs.pop("streamer", None), kwargs.pop("tokenizer", None)
+        reasons = [f"argument {name!r}" for name in _HF_ONLY_ARGUMENTS if kwargs.pop(name, None) is not None]
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            return ["inputs other than a 2-D tensor of token ids"]
+            return reasons + ["inputs other than a 2-D tensor of token ids"]
         # as in GenerationMixin.generate: was a length given anywhere, before defaults fill it in?
         defaults = model.generation_config
         has_default_max_length = (kwargs.get("max_length") is None and defaults.max_length is None
@@ -166,13 +199,17 @@ class KernelstackGenerate:
         has_default_min_length = (kwargs.get("min_length") is None and defaults.min_length is None
                                   and (generation_config is None or generation_config.min_length is None))
         gen, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
-        reasons = [f"argument {name!r}" for name in model_kwargs]
+        reasons += [f"argument {name!r}" for name in model_kwargs]
         mode = gen.get_generation_mode()
-        if mode.value not in ("greedy_search", "sample"):
-            reasons.append(f"generation mode {mode.value!r}")
-        reasons += [f"generation setting {name}={getattr(gen, name)!r}" for name, off in _OUTPUT_SETTINGS.items()
-                    if getattr(gen, name, off) not in (off, None)]
+        copies = gen.num_return_sequences or 1
+        if mode.value not in ("greedy_search", "sample") or (copies > 1 and mode.value != "sample"):
+            reasons.append(f"generation mode {mode.value!r}" + (f" with num_return_sequences={copies}" if copies > 1
+                                                               else ""))
+        reasons += [f"generation setting {name}={getattr(gen, name)!r}" for name in _OUTPUT_SETTINGS
+                    if getattr(gen, name, None)]
         batch, width = input_ids.shape
+        if streamer is not None and batch * copies > 1:
+            reasons.append("a streamer with more than one sequence")
         model._prepare_special_tokens(gen, attention_mask is not None, device=input_ids.device, batch_size=batch)
         if attention_mask is None:
             attention_mask = model._prepare_attention_mask_for_generation(input_ids, gen, {})
@@ -185,44 +222,85 @@ class KernelstackGenerate:
         processors = model._get_logits_processor(gen, input_ids_seq_length=width, encoder_input_ids=input_ids,
                                                  logits_processor=LogitsProcessorList(), device=input_ids.device,
                                                  model_kwargs=model_kwargs)
-        params, unsupported = _row_params(processors, greedy=mode.value == "greedy_search")
-        reasons += unsupported
-        criteria = model._get_stopping_criteria(gen, StoppingCriteriaList())
-        reasons += [f"stopping criterion {type(c).__name__}" for c in criteria if not isinstance(c, _FAST_CRITERIA)]
+        settings, unsupported = _row_settings(processors, greedy=mode.value == "greedy_search", width=width)
+        grammar, others = _grammar(user_processors, model.config.vocab_size)
+        reasons += unsupported + [f"logits processor {type(p).__name__}" for p in others]
+        criteria = [c for c in model._get_stopping_criteria(gen, user_criteria, tokenizer=tokenizer)
+                    if not isinstance(c, _FAST_CRITERIA)]
         if reasons:
             return reasons
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("a prompt has no tokens (its attention_mask is all zeros)")
-        return input_ids, attention_mask, gen, params
+        return _Call(input_ids, attention_mask, gen, copies, settings, criteria, grammar, streamer)
 
-    def _generate(self, input_ids, attention_mask, gen, params):
+    def _generate(self, call: "_Call"):
+        input_ids, gen = call.input_ids, call.gen
         batch, width = input_ids.shape
         eos = set(gen._eos_token_tensor.tolist()) if gen._eos_token_tensor is not None else set()
         pad = int(gen._pad_token_tensor) if gen._pad_token_tensor is not None else 0
         max_new = max(1, gen.max_length - width)  # HF runs at least one step, whatever max_length says
-        rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-        requests = [Request(r, max_new, params, accept=eos.__contains__) for r in rows]
+        padded = input_ids.cpu().repeat_interleave(call.copies, 0)  # num_return_sequences: HF's row order
+        masks = call.attention_mask.cpu().repeat_interleave(call.copies, 0)
+        requests = []
+        for i, (row, mask) in enumerate(zip(padded.tolist(), masks.bool())):
+            leader = requests[i - i % call.copies] if i % call.copies else None
+            requests.append(Request([t for t, keep in zip(row, mask) if keep], max_new, call.settings.params,
+                                    accept=None, seen=row, min_new_tokens=call.settings.min_new_tokens,
+                                    fork_of=leader, constraint=call.grammar(i) if call.grammar else None))
+            requests[-1].accept = _acceptor(requests[-1], eos, call.criteria, call.streamer)
+        if call.streamer is not None:
+            call.streamer.put(input_ids.cpu())
         runner, scheduler = self.runtime
         start = time.perf_counter()
-        stats = scheduler.run(requests)
+        captured = runner.graphs_captured()
+        with self._compiling():
+            stats = scheduler.run(requests, eos=eos)
+        if runner.graphs_captured() > captured:
+            self.recorder.event(runner.describe_graphs())
+        if call.streamer is not None:
+            call.streamer.end()
         elapsed = time.perf_counter() - start
         steps = max(stats.decode_steps, 1)
+        real = int(call.attention_mask.sum())
         self.recorder.event(
-            f"generate: {batch} sequences, {sum(map(len, rows))} prompt tokens ({batch * width - sum(map(len, rows))} "
-            f"pad tokens skipped); {stats.prefill_steps} prefill steps, {stats.decode_steps} decode steps "
-            f"({runner.describe_decode()}); {stats.preemptions} preemptions; host {1e3 * stats.host_seconds / steps:.2f} "
-            f"ms per step, {stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); "
-            f"{elapsed:.2f} s")
+            f"generate: {batch} sequences, {real} prompt tokens ({batch * width - real} pad tokens skipped)"
+            + (f", {call.copies} samples each (each prompt prefilled once, its pages shared)" if call.copies > 1 else "")
+            + f"; {stats.prefill_steps} prefill steps, {stats.decode_steps} decode steps ({runner.describe_decode()}); "
+            f"{stats.preemptions} preemptions; host {1e3 * stats.host_seconds / steps:.2f} ms per step, "
+            f"{stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); {elapsed:.2f} s")
         longest = max(len(r.generated) for r in requests)
-        out = torch.full((batch, longest), pad, dtype=torch.long)
+        out = torch.full((len(requests), longest), pad, dtype=torch.long)
         for b, request in enumerate(requests):
             out[b, : len(request.generated)] = torch.tensor(request.generated, dtype=torch.long)
-        return torch.cat([input_ids.cpu(), out], dim=1).to(input_ids.device)
+        sequences = torch.cat([padded, out], dim=1).to(input_ids.device)
+        if gen.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
 
 
-def _row_params(processors, greedy):
+@dataclass
+class _Settings:
+    params: RowParams
+    min_new_tokens: int = 0
+
+
+@dataclass
+class _Call:
+    """One generate call as the fast path runs it, all of it resolved by transformers' own code."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gen: object
+    copies: int
+    settings: _Settings
+    criteria: list  # stopping criteria beyond length and eos, checked on the host per row
+    grammar: object  # None, or row index -> the row's constraint (an xgrammar matcher)
+    streamer: object
+
+
+def _row_settings(processors, greedy, width):
     """HF's logits processors, as the fast path's per-row settings; the names of those it cannot run."""
-    params, unsupported = RowParams(greedy=greedy), []
+    params, min_new, unsupported = RowParams(greedy=greedy), 0, []
     for p in processors:
         if isinstance(p, logits_process.TemperatureLogitsWarper):
             params.temperature = float(p.temperature)
@@ -232,9 +310,74 @@ def _row_params(processors, greedy):
             params.top_p = float(p.top_p)
         elif isinstance(p, logits_process.MinPLogitsWarper) and p.min_tokens_to_keep == 1:
             params.min_p = float(p.min_p)
+        elif isinstance(p, logits_process.RepetitionPenaltyLogitsProcessor) and getattr(p, "prompt_ignore_length",
+                                                                                        None) is None:
+            params.repetition_penalty = float(p.penalty)
+        elif isinstance(p, logits_process.MinNewTokensLengthLogitsProcessor) and p.prompt_length_to_skip == width:
+            min_new = max(min_new, int(p.min_new_tokens))
+        elif isinstance(p, logits_process.MinLengthLogitsProcessor):
+            min_new = max(min_new, int(p.min_length) - width)  # HF compares the padded length
         else:
             unsupported.append(f"logits processor {type(p).__name__}")
-    return params, unsupported
+    return _Settings(params, min_new), unsupported
+
+
+def _acceptor(request, eos, criteria, streamer):
+    """Per generated token (in order): stream it, then stop at eos or at any stopping criterion HF would apply,
+    which sees the row as HF's loop holds it (padded prompt + tokens so far)."""
+
+    def accept(token):
+        if request.constraint is not None:
+            request.constraint.accept(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        if token in eos:
+            return True
+        if criteria:
+            ids = torch.tensor([request.seen + request.generated])
+            return any(bool(c(ids, None)[0]) for c in criteria)
+        return False
+
+    return accept
+
+
+def _grammar(processors, vocab_size):
+    """xgrammar's Hugging Face logits processor becomes a per-row constraint the sampler applies as a
+    bitmask; returns (row index -> constraint factory or None, the processors left unsupported)."""
+    grammars, others = [], []
+    for p in processors:
+        if type(p).__module__.startswith("xgrammar") and hasattr(p, "compiled_grammars") and not grammars:
+            grammars = p.compiled_grammars
+        else:
+            others.append(p)
+    if not grammars:
+        return None, others
+    if grammars[0].tokenizer_info.vocab_size > vocab_size:
+        return None, others + [f"grammar over {grammars[0].tokenizer_info.vocab_size} tokens"]
+
+    def constraint(row):
+        return _GrammarConstraint(grammars[row] if len(grammars) > 1 else grammars[0], vocab_size)
+
+    return constraint, others
+
+
+class _GrammarConstraint:
+    """One row's grammar state: the bitmask of tokens allowed next, advanced by each accepted token."""
+
+    def __init__(self, compiled, vocab_size):
+        import xgrammar
+
+        self.xgrammar, self.matcher = xgrammar, xgrammar.GrammarMatcher(compiled)
+        self.mask = xgrammar.allocate_token_bitmask(1, vocab_size)
+
+    def bitmask(self) -> torch.Tensor:
+        self.mask.fill_(-1)
+        self.matcher.fill_next_token_bitmask(self.mask)
+        return self.mask[0].clone()
+
+    def accept(self, token) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
 
 
 # -- building the runtime -------------------------------------------------------------------------------
@@ -243,18 +386,23 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     device = next(model.parameters()).device
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8_e4m3" else model.dtype
-    per_token = KVPool.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kv_dtype)
+    q_heads, kv_heads = local_attention_heads(model)  # this rank's share when transformers sharded the model
+    per_token = KVPool.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, kv_dtype)
     if opts.max_kv_tokens:
         tokens = opts.max_kv_tokens
     elif device.type == "cuda":
         tokens = max(opts.page_size, int(torch.cuda.mem_get_info(device)[0] * opts.kv_memory_fraction) // per_token)
     else:
         tokens = CPU_INITIAL_KV_TOKENS
-    pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, -(-tokens // opts.page_size),
+    tokens = agree_on_min(tokens, model)  # one pool size on every rank: the same schedule, the same collectives
+    pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, -(-tokens // opts.page_size),
                   opts.page_size, kv_dtype, device, growable=device.type != "cuda" and not opts.max_kv_tokens)
     recorder.event(f"KV pool: {pool.num_pages} pages x {opts.page_size} tokens ({pool.capacity_tokens} tokens, "
                    f"{per_token * pool.capacity_tokens / 2**20:.1f} MiB, {kv_dtype}) on {device}"
                    + (", grows as needed" if pool.growable else ""))
+    if kv_heads != cfg.num_key_value_heads:
+        recorder.event(f"tensor parallel: this rank holds {q_heads} of {cfg.num_attention_heads} query heads and "
+                       f"{kv_heads} of {cfg.num_key_value_heads} KV heads; its KV pool holds those only")
     if pool.fp8:
         _calibrate_fp8_scales(model, pool, recorder)
     attention = _device_attention(model, pool, opts, recorder)
@@ -271,7 +419,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     width = pool.pages_for(max(cfg.max_position_embeddings, opts.page_size))
     runner = ModelRunner(_labelled(torch.compile(forward_prefill, backend=backend), "prefill", recorder),
                          _labelled(torch.compile(forward_decode, backend=backend), "decode", recorder),
-                         pool, attention, capacity, opts.decode_buckets, graphs, width,
+                         pool, attention, capacity, opts.decode_buckets, graphs, width, cfg.vocab_size,
                          model_scope=lambda: _AttentionImplementation(model, ATTN_IMPLEMENTATION))
     if capacity < opts.max_batch_size:
         recorder.event(f"decode batch capped at the largest CUDA-graph bucket, {capacity}: larger batches run in waves")
@@ -321,7 +469,7 @@ def _device_attention(model, pool, opts, recorder):
         if len(windows) > 1:
             raise UnsupportedAttention(f"layers mix attention windows {sorted(map(str, windows))}")
         window = windows.pop() if windows else None
-        attention = FlashInferAttention(pool, model.config.num_attention_heads, model.dtype, float(layers[0].scaling),
+        attention = FlashInferAttention(pool, local_attention_heads(model)[0], model.dtype, float(layers[0].scaling),
                                         window - 1 if window else -1, decode_kernel=opts.decode_kernel)
     except UnsupportedAttention as exc:
         recorder.event(f"paged attention runs the plain-torch reference on {pool.device}: {exc}", logging.WARNING)

@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 # Without a GPU, Triton kernels run in the interpreter (set before any kernel is defined).
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+# Compiled graphs are cached across processes: tests keep theirs apart from the user's ~/.cache.
+os.environ.setdefault("KERNELSTACK_CACHE_DIR", tempfile.mkdtemp(prefix="kernelstack-test-cache-"))
+
+import pytest  # noqa: E402
 import torch
 import torch._dynamo
 

@@ -96,8 +96,10 @@ def test_sampler_keeps_exactly_what_hf_warpers_keep(temperature, top_k, top_p, m
     params[1] = params[1].long()
     _, mask = sampling_mask(logits, *params)
     assert torch.equal(mask, allowed)
-    for _ in range(50):  # and sampling never leaves the allowed set
-        tokens = torch.ops.kernelstack.sample(logits, *params, torch.rand(6))
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    for offset in range(50):  # and sampling never leaves the allowed set
+        tokens = torch.ops.kernelstack.sample(logits, *params, ones, zeros, zeros, None, None, torch.zeros(6, dtype=torch.bool),
+                                              torch.tensor([7]), torch.tensor([offset]))
         assert allowed.gather(1, tokens[:, None]).all()
 
 

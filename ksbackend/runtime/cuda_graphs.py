@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from ..compile_cache import progress
+
 
 class CudaGraphRunner:
     def __init__(self, fn, buckets, before_capture=None, after_capture=None):
@@ -41,6 +43,17 @@ class CudaGraphRunner:
         if self.after_capture:
             self.after_capture(bucket)
         self.capture_seconds += time.perf_counter() - start
+
+    def capture_all(self, desc: str, prepare=None) -> None:
+        """Capture every bucket not captured yet, under one progress bar; ``prepare(bucket)`` runs before each
+        capture (the owner's per-bucket setup, e.g. planning a decode kernel)."""
+        with progress(len(self.buckets), desc, unit="bucket") as bar:
+            for bucket in self.buckets:
+                if bucket not in self.graphs:
+                    if prepare is not None:
+                        prepare(bucket)
+                    self.capture(bucket)
+                bar.update()
 
     def run(self, bucket: int):
         """Replay ``bucket``'s graph (capturing it first if needed); returns what ``fn`` returned at capture."""

@@ -24,10 +24,13 @@ class KVPoolExhausted(RuntimeError):
 
 
 class PageAllocator:
+    """Pages with reference counts: a page shared by sequences (a prompt's full pages, shared by its
+    ``num_return_sequences`` copies) goes back to the free list when the last of them lets go."""
+
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: recently freed pages are reused first
-        self._in_use: set[int] = set()
+        self._refs: dict[int, int] = {}
         self.high_water = 0
 
     @property
@@ -36,22 +39,30 @@ class PageAllocator:
 
     @property
     def num_used(self) -> int:
-        return len(self._in_use)
+        return len(self._refs)
 
     def alloc(self, count: int) -> list[int]:
         if count > len(self._free):
             raise KVPoolExhausted(f"needs {count} pages, {len(self._free)} free")
         pages = [self._free.pop() for _ in range(count)]
-        self._in_use.update(pages)
-        self.high_water = max(self.high_water, len(self._in_use))
+        self._refs.update((p, 1) for p in pages)
+        self.high_water = max(self.high_water, len(self._refs))
         return pages
+
+    def share(self, pages) -> None:
+        for page in pages:
+            self._refs[page] += 1
 
     def free(self, pages) -> None:
         for page in pages:
-            if page not in self._in_use:
+            refs = self._refs.get(page)
+            if refs is None:
                 raise ValueError(f"page {page} is not allocated (double free?)")
-            self._in_use.remove(page)
-            self._free.append(page)
+            if refs == 1:
+                del self._refs[page]
+                self._free.append(page)
+            else:
+                self._refs[page] = refs - 1
 
     def grow(self, count: int) -> None:
         """Add ``count`` new pages (numbered after the existing ones)."""
@@ -123,6 +134,21 @@ class KVPool:
         new = self.alloc(max(0, self.pages_for(tokens) - len(seq.pages)))
         seq.pages += new
         return new
+
+    def fork(self, source, seq_id) -> None:
+        """A new sequence ``seq_id`` holding the same tokens as ``source``: its full pages are shared (never
+        written again: new tokens go after them), its last partial page is copied, on write, into a page of
+        its own."""
+        src = self.sequences[source]
+        full = src.length // self.page_size
+        self.allocator.share(src.pages[:full])
+        pages = src.pages[:full]
+        if src.length % self.page_size:
+            (page,) = self.alloc(1)
+            for cache in self.caches:
+                cache[page].copy_(cache[src.pages[full]])
+            pages = pages + [page]
+        self.sequences[seq_id] = Sequence(pages, src.length)
 
     def exhausted_error(self, needed_pages: int, what: str) -> KVPoolExhausted:
         per_token = self.bytes_per_token()

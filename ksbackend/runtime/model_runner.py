@@ -16,6 +16,7 @@ Both return the selected tokens as a device tensor; nothing here waits for the G
 
 import collections
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -30,22 +31,54 @@ log = logging.getLogger("ksbackend")
 
 @dataclass
 class RowParams:
-    """A sequence's token-selection settings (plain values; the runner keeps them as device tensors)."""
+    """A sequence's token-selection settings (plain values; the runner keeps them as device tensors, named
+    as ``kernelstack::sample`` takes them). The defaults turn each one off."""
 
-    greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    greedy: bool = True
+
+
+SAMPLER_DTYPES = {"top_k": torch.int64, "greedy": torch.bool}  # the rest are float32
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What choosing this step's tokens takes beyond an argmax; each combination is a graph of its own."""
+
+    sampling: bool = False  # some row draws at random
+    penalties: bool = False  # some row has a repetition / frequency / presence penalty (token counts kept)
+    ban_eos: bool = False  # some row may not end yet (min_new_tokens): its eos logits are -inf
+    bitmask: bool = False  # rows are constrained by an allowed-token bitmask (a grammar), set before each step
+
+    @property
+    def argmax_only(self) -> bool:
+        return not (self.sampling or self.penalties or self.bitmask)
 
 
 @dataclass
 class NewRow:
-    """A sequence entering the decode batch: its id in the pool, its tokens so far and its settings."""
+    """A sequence entering the decode batch: its id in the pool, its tokens so far and its settings.
+    ``seen`` are the tokens its penalties count (HF counts the padded prompt); ``fork_of`` (an index into
+    the same prefill's rows) makes it a copy of that row's prompt: prefilled once, full pages shared."""
 
-    seq_id: int
+    seq_id: object
     tokens: list
     params: RowParams
+    seen: list = None
+    generated: int = 0  # tokens generated before this admission (a preempted sequence resumes)
+    min_new_tokens: int = 0
+    bitmask: torch.Tensor = None  # allowed tokens for its next token, packed int32 (grammar rows)
+    fork_of: int = None
+
+
+def selection_name(selection: Selection) -> str:
+    return "+".join(f.name for f in dataclasses.fields(selection) if getattr(selection, f.name)) or "argmax"
 
 
 class DecodeBuffers:
@@ -53,8 +86,6 @@ class DecodeBuffers:
     addresses). Rows past the live ones are padding: their page-table row is the scratch page and their
     length stays 0, so they attend to one scratch slot and write only there."""
 
-    PARAMS = {"greedy": torch.bool, "temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float32,
-              "min_p": torch.float32}
 
     def __init__(self, capacity, width, page_size, scratch_page, device):
         self.capacity, self.width, self.page_size, self.scratch_page = capacity, width, page_size, scratch_page
@@ -70,13 +101,19 @@ class DecodeBuffers:
         self.positions = zeros(capacity, dtype=torch.int64)  # per-step values the step itself derives
         self.slots = zeros(capacity, dtype=torch.int64)
         self.kv_lens = zeros(capacity, dtype=torch.int32)
-        self.params = {name: zeros(capacity, dtype=dtype) for name, dtype in self.PARAMS.items()}
+        self.params = {f.name: zeros(capacity, dtype=SAMPLER_DTYPES.get(f.name, torch.float32))
+                       for f in dataclasses.fields(RowParams)}
+        self.generated = zeros(capacity, dtype=torch.int32)  # tokens generated so far (eos ban)
+        self.min_new = zeros(capacity, dtype=torch.int32)
+        self.counts = None  # [capacity, vocab] int32 token counts, made when a penalty first needs them
+        self.bitmask = None  # [capacity, ceil(vocab / 32)] int32, made when a grammar first needs it
         # host mirrors of what the host wrote: planned decode kernels build their plan from these
         self.table_host = torch.full((capacity, width), scratch_page, dtype=torch.int32)
         self.lens_host = torch.zeros(capacity, dtype=torch.int32)
 
     def row_tensors(self):
-        return [self.ids, self.lens, self.active, self.table, *self.params.values()]
+        lazy = [t for t in (self.counts, self.bitmask) if t is not None]
+        return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, *self.params.values(), *lazy]
 
     def clear(self, start, stop) -> None:
         """Make rows [start, stop) padding."""
@@ -96,7 +133,7 @@ class DecodeBuffers:
         self.lens_host[: len(order)] = self.lens_host.index_select(0, index)
         self.clear(len(order), live)
 
-    def put(self, row: int, length: int, pages: list[int], params: RowParams) -> None:
+    def put(self, row: int, length: int, pages: list[int], new: NewRow) -> None:
         """Row ``row`` holds a sequence of ``length`` cached tokens in ``pages`` (its first token comes separately)."""
         table = torch.full((self.width,), self.scratch_page, dtype=torch.int32)
         table[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
@@ -104,7 +141,8 @@ class DecodeBuffers:
         self.lens_host[row] = length
         # Host-to-device copies from pageable memory are staged at once: the host never waits for the GPU.
         self.table[row].copy_(table, non_blocking=True)
-        targets = [(self.lens, length), (self.active, 1)] + [(self.params[k], v) for k, v in vars(params).items()]
+        targets = [(self.lens, length), (self.active, 1), (self.generated, new.generated + 1),
+                   (self.min_new, new.min_new_tokens)] + [(self.params[k], v) for k, v in vars(new.params).items()]
         for target, value in targets:
             target[row : row + 1].copy_(torch.tensor([value], dtype=target.dtype), non_blocking=True)
 
@@ -115,7 +153,7 @@ class DecodeBuffers:
 
 
 class ModelRunner:
-    def __init__(self, forward_prefill, forward_decode, pool, attention, capacity, buckets, cuda_graphs, width,
+    def __init__(self, forward_prefill, forward_decode, pool, attention, capacity, buckets, cuda_graphs, width, vocab_size,
                  model_scope=contextlib.nullcontext):
         """``forward_prefill(ids [1, N], positions [1, N], keep [K]) -> logits [1, K, V]`` and
         ``forward_decode(ids [1, B], positions [1, B]) -> logits [1, B, V]`` are the compiled forwards;
@@ -126,29 +164,47 @@ class ModelRunner:
         self.scratch_page = pool.alloc(1)[0]  # padding rows read and write only here
         self.buffers = DecodeBuffers(capacity, width, pool.page_size, self.scratch_page, self.device)
         self.buckets = tuple(b for b in buckets if b <= capacity)
-        self.graphs = {}
+        self.vocab_size = vocab_size
+        self.graphs = {}  # Selection -> CudaGraphRunner, made on first use
         self.eager_reason = ("not on a GPU" if self.device.type != "cuda" else "cuda_graphs=False" if not cuda_graphs
                              else "the reference attention path" if attention is None else None)
-        if self.eager_reason is None:
-            for sampling in (False, True):
-                self.graphs[sampling] = CudaGraphRunner(
-                    lambda n, s=sampling: self._decode_step(n, s, graphed=True), self.buckets,
-                    before_capture=self._park, after_capture=self._unpark)
+        self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
         self._decode_attention = {}  # bucket (or None: eager) -> the decode kernel object
+        self.rng = (torch.zeros(1, dtype=torch.int64, device=self.device),  # seed, offset of the sampler's stream
+                    torch.zeros(1, dtype=torch.int64, device=self.device))
         self._parked = None
         self._plan_uploaded = {}
         self.stats = collections.Counter()
         self.live = 0  # rows of the decode batch in use (the rest are padding)
 
     # -- the decode batch -----------------------------------------------------------------------------
-    def add_rows(self, rows: list[NewRow], first_tokens: torch.Tensor) -> None:
-        """Append rows whose pages already hold their tokens; ``first_tokens`` (device) are their next inputs."""
-        start = self.live
+    def add_rows(self, rows: list[NewRow], first_tokens: torch.Tensor, counts: torch.Tensor = None) -> None:
+        """Append rows whose pages already hold their tokens; ``first_tokens`` (device) are their next inputs,
+        ``counts`` their penalty counts so far (from ``prefill``)."""
+        start, buf = self.live, self.buffers
         for i, row in enumerate(rows):
             seq = self.pool.sequences[row.seq_id]
-            self.buffers.put(start + i, seq.length, seq.pages, row.params)
-        self.buffers.ids[start : start + len(rows)].copy_(first_tokens)
+            buf.put(start + i, seq.length, seq.pages, row)
+        buf.ids[start : start + len(rows)].copy_(first_tokens)
+        if counts is not None:
+            if buf.counts is None:
+                buf.counts = torch.zeros(buf.capacity, self.vocab_size, dtype=torch.int32, device=self.device)
+            buf.counts[start : start + len(rows)] = counts
         self.live += len(rows)
+
+    def set_eos(self, token_ids) -> None:
+        """The tokens ``min_new_tokens`` bans until a row has generated enough."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[list(token_ids)] = True
+        self.eos_mask.copy_(mask, non_blocking=True)
+
+    def set_bitmask(self, bitmask: torch.Tensor) -> None:
+        """The allowed tokens of rows 0..n-1 for the next step (host int32 [n, ceil(vocab / 32)])."""
+        buf = self.buffers
+        if buf.bitmask is None:
+            buf.bitmask = torch.full((buf.capacity, -(-self.vocab_size // 32)), -1, dtype=torch.int32,
+                                     device=self.device)
+        buf.bitmask[: len(bitmask)].copy_(bitmask, non_blocking=True)
 
     def keep_rows(self, order: list[int]) -> None:
         """Keep only rows ``order`` (in that order), compacted to the front."""
@@ -169,12 +225,36 @@ class ModelRunner:
         self.buffers.lens_host[:n] += 1
 
     # -- steps ------------------------------------------------------------------------------------------
-    def prefill(self, rows: list[NewRow]) -> torch.Tensor:
-        """Run new sequences' tokens (pages must be reserved for them); returns each row's next token."""
-        logits = self._prefill_logits(rows)
-        params = {name: torch.tensor([getattr(r.params, name) for r in rows], dtype=dtype).to(self.device, non_blocking=True)
-                  for name, dtype in DecodeBuffers.PARAMS.items()}
-        return select_tokens(logits, params, any(not r.params.greedy for r in rows))
+    def prefill(self, rows: list[NewRow], selection: Selection):
+        """Run new sequences' tokens (pages reserved for those not forked); returns (each row's next token, the
+        rows' penalty counts or None). A forked row copies its source's prompt pages instead of running it."""
+        run = [r for r in rows if r.fork_of is None]
+        logits = self._prefill_logits(run)
+        for row in rows:
+            if row.fork_of is not None:
+                self.pool.fork(rows[row.fork_of].seq_id, row.seq_id)
+        if len(run) < len(rows):
+            position = {id(r): i for i, r in enumerate(run)}
+            index = [position[id(rows[r.fork_of] if r.fork_of is not None else r)] for r in rows]
+            logits = logits.index_select(0, torch.tensor(index).to(self.device, non_blocking=True))
+        params = {f.name: torch.tensor([getattr(r.params, f.name) for r in rows],
+                                       dtype=SAMPLER_DTYPES.get(f.name, torch.float32)).to(self.device, non_blocking=True)
+                  for f in dataclasses.fields(RowParams)}
+        counts = bitmask = generated = min_new = None
+        if selection.penalties:
+            counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
+            for i, row in enumerate(rows):
+                seen = torch.tensor(row.seen if row.seen is not None else row.tokens).to(self.device, non_blocking=True)
+                counts[i].index_add_(0, seen, torch.ones_like(seen, dtype=torch.int32))
+        if selection.ban_eos:
+            generated, min_new = (torch.tensor([getattr(r, name) for r in rows], dtype=torch.int32)
+                                  .to(self.device, non_blocking=True) for name in ("generated", "min_new_tokens"))
+        if selection.bitmask:
+            bitmask = torch.stack([r.bitmask for r in rows]).to(self.device, non_blocking=True)
+        tokens = self._select(logits, params, selection, counts, generated, min_new, bitmask)
+        if counts is not None:
+            counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
+        return tokens, counts
 
     def _prefill_logits(self, rows: list[NewRow]) -> torch.Tensor:
         meta = self.pool.extend([r.seq_id for r in rows], [len(r.tokens) for r in rows])
@@ -212,17 +292,36 @@ class ModelRunner:
                 self.pool.release(row.seq_id)
         return torch.stack(out, dim=1)
 
-    def decode(self, n: int, sampling: bool) -> torch.Tensor:
+    def decode(self, n: int, selection: Selection) -> torch.Tensor:
         """One token for rows 0..n-1; returns them (a device view, valid until the next step)."""
-        runner = self.graphs.get(sampling)
-        bucket = runner.bucket_for(n) if runner is not None else None
+        if self.eager_reason is not None:
+            self.stats["eager"] += 1
+            return self._decode_step(n, selection, graphed=False)
+        if selection not in self.graphs:
+            self.graphs[selection] = CudaGraphRunner(lambda b: self._decode_step(b, selection, graphed=True),
+                                                     self.buckets, before_capture=self._park,
+                                                     after_capture=self._unpark)
+        runner = self.graphs[selection]
+        bucket = runner.bucket_for(n)
         if bucket is None:
             self.stats["eager"] += 1
-            return self._decode_step(n, sampling, graphed=False)
-        if self.attention.decode_needs_plan:
-            self._plan(bucket)
+            return self._decode_step(n, selection, graphed=False)
+        prepare = self._plan if self.attention.decode_needs_plan else None
+        if not runner.graphs:  # the first graphed step of this selection: capture every bucket now, under a bar
+            runner.capture_all(f"kernelstack: capturing decode graphs ({selection_name(selection)})", prepare)
+        if prepare is not None:
+            prepare(bucket)
         self.stats[bucket] += 1
         return runner.run(bucket)[:n]
+
+    def graphs_captured(self) -> int:
+        return sum(len(r.graphs) for r in self.graphs.values())
+
+    def describe_graphs(self) -> str:
+        """How many decode graphs are captured, how long capturing took, and the device memory their pools hold."""
+        runners = [r for r in self.graphs.values() if r.graphs]
+        return (f"CUDA graphs: {self.graphs_captured()} captured in {sum(r.capture_seconds for r in runners):.1f} s, "
+                f"{sum(r.memory_bytes() for r in runners) / 2**20:.0f} MiB in their memory pools")
 
     def describe_decode(self) -> str:
         """What ran the decode steps so far (and clears the count): graph replays per bucket, eager steps and why."""
@@ -254,15 +353,22 @@ class ModelRunner:
             self._decode_attention[bucket] = self.attention.new_decode(bucket) if self.attention is not None else None
         return self._decode_attention[bucket]
 
-    def _decode_step(self, n: int, sampling: bool, graphed: bool) -> torch.Tensor:
+    def _decode_step(self, n: int, selection: Selection, graphed: bool) -> torch.Tensor:
         """The decode step over rows 0..n-1 of the buffers: run the model, select the tokens, write them as the
-        next inputs and advance the lengths. Under a graph every line here is a captured kernel; the host adds
-        nothing per step."""
+        next inputs and advance the lengths and counts. Under a graph every line here is a captured kernel; the
+        host adds nothing per step."""
         buf = self.buffers
         logits = self._decode_logits(n, graphed)
-        tokens = select_tokens(logits, {k: v[:n] for k, v in buf.params.items()}, sampling)
+        counts = buf.counts[:n] if selection.penalties else None
+        bitmask = buf.bitmask[:n] if selection.bitmask else None
+        tokens = self._select(logits, {k: v[:n] for k, v in buf.params.items()}, selection, counts,
+                              buf.generated[:n], buf.min_new[:n], bitmask)
         buf.ids[:n].copy_(tokens)
         buf.lens[:n].copy_(buf.kv_lens[:n] * buf.active[:n])
+        if selection.ban_eos:
+            buf.generated[:n] += buf.active[:n]
+        if counts is not None:
+            counts.scatter_add_(1, tokens[:, None], buf.active[:n, None])
         return buf.ids[:n]
 
     def _decode_logits(self, n: int, graphed: bool) -> torch.Tensor:
@@ -287,21 +393,34 @@ class ModelRunner:
     # -- graph capture ----------------------------------------------------------------------------------
     def _park(self, bucket):
         """Warm-up calls before a capture run for real: give them padding rows, keep the live ones aside."""
-        self._parked = [t[:bucket].clone() for t in self.buffers.row_tensors()]
+        self._parked = [t[:bucket].clone() for t in self.buffers.row_tensors()] + [self.rng[1].clone()]
         self.buffers.clear(0, bucket)
 
     def _unpark(self, bucket):
-        for t, saved in zip(self.buffers.row_tensors(), self._parked):
+        *rows, offset = self._parked
+        for t, saved in zip(self.buffers.row_tensors(), rows):
             t[:bucket].copy_(saved)
+        self.rng[1].copy_(offset)
         self._parked = None
 
 
-def select_tokens(logits: torch.Tensor, params: dict, sampling: bool) -> torch.Tensor:
-    """Next token per row: argmax, or the sampler where a row samples (per-row device parameters)."""
-    greedy = logits.argmax(-1)
-    if not sampling:
-        return greedy
-    uniform = torch.rand(logits.shape[0], device=logits.device)  # graph-safe: advances on every replay
-    sampled = torch.ops.kernelstack.sample(logits.float(), params["temperature"], params["top_k"], params["top_p"],
-                                           params["min_p"], uniform)
-    return torch.where(params["greedy"], greedy, sampled)
+    def reseed(self, seed: int) -> None:
+        """Start the sampler's counter-based random stream at ``seed`` (a generate call draws it from torch's
+        default generator, so ``torch.manual_seed`` reproduces a run)."""
+        self.rng[0].fill_(seed)
+        self.rng[1].zero_()
+
+    def _select(self, logits, params, selection: Selection, counts=None, generated=None, min_new=None, bitmask=None):
+        """Next token per row: argmax, or the fused sampler (penalties, bitmask, the draw; per-row device
+        parameters, greedy rows take the argmax inside it). The random offset advances on the device, so every
+        graph replay draws anew."""
+        if selection.ban_eos:
+            logits = logits.masked_fill((generated < min_new)[:, None] & self.eos_mask, float("-inf"))
+        if selection.argmax_only:
+            return logits.argmax(-1)
+        seed, offset = self.rng
+        tokens = torch.ops.kernelstack.sample(logits, **params, token_counts=counts, allowed_bitmask=bitmask, seed=seed,
+                                              offset=offset)
+        if selection.sampling:
+            offset.add_(1)
+        return tokens

@@ -20,20 +20,34 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model_runner import NewRow, RowParams
+from .model_runner import NewRow, RowParams, Selection
 
 
 @dataclass
 class Request:
-    """One sequence to generate. ``accept(token)`` sees every generated token in order (one step late) and
-    returns True when the sequence must stop there (eos, a stopping criterion)."""
+    """One sequence to generate. ``accept(token)`` sees every generated token in order (one step late, or at
+    once under a ``constraint``) and returns True when the sequence must stop there (eos, a criterion).
+
+    ``seen``: the tokens its penalties count besides what it generates (HF counts the padded prompt).
+    ``fork_of``: another request with the same prompt (``num_return_sequences``): admitted together, the
+    prompt is prefilled once and its pages shared. ``constraint``: an object whose ``bitmask()`` gives the
+    packed allowed tokens for the next token (a grammar); such requests run step by step (see ``run``)."""
 
     prompt: list
     max_new_tokens: int
     params: RowParams
     accept: object
+    seen: list = None
+    min_new_tokens: int = 0
+    fork_of: object = None
+    constraint: object = None
     generated: list = field(default_factory=list)
     done: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 @dataclass
@@ -81,8 +95,15 @@ class Scheduler:
                 raise self.pool.exhausted_error(need, f"a sequence of {len(r.prompt)} prompt tokens + "
                                                       f"{r.max_new_tokens} new tokens")
 
-    def run(self, requests: list[Request]) -> LoopStats:
+    def run(self, requests: list[Request], eos=()) -> LoopStats:
+        """Generate every request. Constrained requests (a grammar) need each token before the next step's
+        allowed set exists, so with them the loop reads every step's tokens at once instead of one step late."""
         self.check_fits(requests)
+        if any(not r.params.greedy for r in requests):
+            self.runner.reseed(int(torch.randint(0, 2**62, (1,))))
+        if any(r.min_new_tokens for r in requests):
+            self.runner.set_eos(eos)
+        lockstep = any(r.constraint is not None for r in requests)
         stats = LoopStats()
         waiting = collections.deque(requests)
         running: list[_Row] = []
@@ -100,14 +121,17 @@ class Scheduler:
                     running = self._reserve(running, waiting, inflight, stats)
                 if running:
                     n = len(running)
-                    tokens = self.runner.decode(n, sampling=any(not r.request.params.greedy for r in running))
+                    selection = self._selection([(r.request, r.base + r.issued) for r in running])
+                    if selection.bitmask:
+                        self.runner.set_bitmask(torch.stack([r.request.constraint.bitmask() for r in running]))
+                    tokens = self.runner.decode(n, selection)
                     self.runner.advance_host(n)
                     for row in running:
                         row.issued += 1
                     inflight.append(self._copy_back(tokens, list(running)))
                     stats.decode_steps += 1
                 # one step late: read everything but the step just enqueued (all of it when nothing is running)
-                while len(inflight) > (1 if running else 0):
+                while len(inflight) > (1 if running and not lockstep else 0):
                     self._process(inflight.popleft(), stats)
         finally:
             for row in running:
@@ -139,19 +163,38 @@ class Scheduler:
             if self.pool.pages_for(reserve) + headroom > self.pool.allocator.num_free and not self.pool.growable:
                 break
             seq_id = self._new_seq_id()
-            self.pool.reserve(seq_id, reserve)
+            if not self._forks_here(request, rows):
+                self.pool.reserve(seq_id, reserve)
+                budget -= len(tokens)
             rows.append((waiting.popleft(), seq_id, tokens))
-            budget -= len(tokens)
         if not rows:
             return []
-        new = [NewRow(seq_id, tokens, request.params) for request, seq_id, tokens in rows]
-        first = self.runner.prefill(new)
-        self.runner.add_rows(new, first)
+        index = {id(request): i for i, (request, _, _) in enumerate(rows)}
+        new = [NewRow(seq_id, tokens, request.params, seen=(request.seen or request.prompt) + request.generated,
+                      generated=len(request.generated), min_new_tokens=request.min_new_tokens,
+                      bitmask=request.constraint.bitmask() if request.constraint is not None else None,
+                      fork_of=index.get(id(request.fork_of)) if not request.generated else None)
+               for request, seq_id, tokens in rows]
+        first, counts = self.runner.prefill(new, self._selection([(r, len(r.generated)) for r, _, _ in rows]))
+        self.runner.add_rows(new, first, counts)
         admitted = [_Row(request, seq_id, issued=1, base=len(request.generated)) for request, seq_id, _ in rows]
         running.extend(admitted)
         inflight.append(self._copy_back(first, admitted))
         stats.prefill_steps += 1
         return admitted
+
+    @staticmethod
+    def _forks_here(request, rows) -> bool:
+        """Will this request copy the prompt pages of one admitted in the same prefill (so needs none now)?"""
+        return request.fork_of is not None and not request.generated and any(r is request.fork_of for r, _, _ in rows)
+
+    @staticmethod
+    def _selection(rows) -> Selection:
+        """What this step's token selection needs, from (request, tokens it has generated before this step)."""
+        return Selection(sampling=any(not r.params.greedy for r, _ in rows),
+                         penalties=any(r.penalized for r, _ in rows),
+                         ban_eos=any(done < r.min_new_tokens for r, done in rows),
+                         bitmask=any(r.constraint is not None for r, _ in rows))
 
     def _reserve(self, running, waiting, inflight, stats):
         """Pages for every row's next token, reserved ahead in chunks; preempt the youngest rows if the pool is full."""
