@@ -221,7 +221,7 @@ class KernelstackGenerate:
                                         input_ids)
         processors = model._get_logits_processor(gen, input_ids_seq_length=width, encoder_input_ids=input_ids,
                                                  logits_processor=LogitsProcessorList(), device=input_ids.device,
-                                                 model_kwargs=model_kwargs)
+                                                 model_kwargs={**model_kwargs, "attention_mask": attention_mask})
         settings, unsupported = _row_settings(processors, greedy=mode.value == "greedy_search", width=width)
         grammar, others = _grammar(user_processors, model.config.vocab_size)
         reasons += unsupported + [f"logits processor {type(p).__name__}" for p in others]
@@ -245,9 +245,10 @@ class KernelstackGenerate:
         for i, (row, mask) in enumerate(zip(padded.tolist(), masks.bool())):
             leader = requests[i - i % call.copies] if i % call.copies else None
             requests.append(Request([t for t, keep in zip(row, mask) if keep], max_new, call.settings.params,
-                                    accept=None, seen=row, min_new_tokens=call.settings.min_new_tokens,
+                                    accept=None, seen=call.settings.seen(i // call.copies, row),
+                                    min_new_tokens=call.settings.min_new_tokens,
                                     fork_of=leader, constraint=call.grammar(i) if call.grammar else None))
-            requests[-1].accept = _acceptor(requests[-1], eos, call.criteria, call.streamer)
+            requests[-1].accept = _acceptor(requests[-1], row, eos, call.criteria, call.streamer)
         if call.streamer is not None:
             call.streamer.put(input_ids.cpu())
         runner, scheduler = self.runtime
@@ -282,6 +283,15 @@ class KernelstackGenerate:
 class _Settings:
     params: RowParams
     min_new_tokens: int = 0
+    penalty_skip: object = None  # prompt tokens the repetition penalty ignores: None, an int, or one per row
+
+    def seen(self, row, padded):
+        """The tokens of ``padded`` (a padded prompt row) the repetition penalty counts, as HF's processor does
+        (transformers 5.17 counts the left padding too; later versions skip it)."""
+        skip = self.penalty_skip
+        if isinstance(skip, torch.Tensor):
+            skip = int(skip[row])
+        return padded[skip or 0:]
 
 
 @dataclass
@@ -300,7 +310,7 @@ class _Call:
 
 def _row_settings(processors, greedy, width):
     """HF's logits processors, as the fast path's per-row settings; the names of those it cannot run."""
-    params, min_new, unsupported = RowParams(greedy=greedy), 0, []
+    params, min_new, skip, unsupported = RowParams(greedy=greedy), 0, None, []
     for p in processors:
         if isinstance(p, logits_process.TemperatureLogitsWarper):
             params.temperature = float(p.temperature)
@@ -310,19 +320,19 @@ def _row_settings(processors, greedy, width):
             params.top_p = float(p.top_p)
         elif isinstance(p, logits_process.MinPLogitsWarper) and p.min_tokens_to_keep == 1:
             params.min_p = float(p.min_p)
-        elif isinstance(p, logits_process.RepetitionPenaltyLogitsProcessor) and getattr(p, "prompt_ignore_length",
-                                                                                        None) is None:
+        elif isinstance(p, logits_process.RepetitionPenaltyLogitsProcessor):
             params.repetition_penalty = float(p.penalty)
+            skip = getattr(p, "prompt_ignore_length", None)
         elif isinstance(p, logits_process.MinNewTokensLengthLogitsProcessor) and p.prompt_length_to_skip == width:
             min_new = max(min_new, int(p.min_new_tokens))
         elif isinstance(p, logits_process.MinLengthLogitsProcessor):
             min_new = max(min_new, int(p.min_length) - width)  # HF compares the padded length
         else:
             unsupported.append(f"logits processor {type(p).__name__}")
-    return _Settings(params, min_new), unsupported
+    return _Settings(params, min_new, skip), unsupported
 
 
-def _acceptor(request, eos, criteria, streamer):
+def _acceptor(request, padded, eos, criteria, streamer):
     """Per generated token (in order): stream it, then stop at eos or at any stopping criterion HF would apply,
     which sees the row as HF's loop holds it (padded prompt + tokens so far)."""
 
@@ -334,7 +344,7 @@ def _acceptor(request, eos, criteria, streamer):
         if token in eos:
             return True
         if criteria:
-            ids = torch.tensor([request.seen + request.generated])
+            ids = torch.tensor([padded + request.generated])
             return any(bool(c(ids, None)[0]) for c in criteria)
         return False
 

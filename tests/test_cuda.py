@@ -1,6 +1,7 @@
 """GPU paths against the references (marked cuda; skipped without a GPU)."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -78,6 +79,17 @@ def test_triton_ops_registered_on_cuda_match_references():
     assert "Triton" in ksbackend.ops.implementation("add_rms_norm", "cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _copy_task(family):
+    return agreement_setup(family, "copy-task", "cuda")
+
+
+def copy_task(family, prompts=32):
+    """A model fitted to the copy task (trained once per family in this session) and its first prompts."""
+    model, ids, mask = _copy_task(family)
+    return copy.deepcopy(model), ids[:prompts], mask[:prompts]
+
+
 def generate_through_kernelstack(model, ids, mask, new_tokens, **options):
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     reference = model.generate(ids, **kwargs)
@@ -90,7 +102,7 @@ def generate_through_kernelstack(model, ids, mask, new_tokens, **options):
 def test_generate_bf16_agrees_with_hf_eager_on_copy_task(family, kv_cache_dtype):
     """A model fitted to a copy task has a trained model's margins: there, greedy bf16 generate must match
     HF eager token for token on >= 90% of 32 prompts over 64 tokens, none diverging before token 8."""
-    model, ids, mask = agreement_setup(family, "copy-task", "cuda")
+    model, ids, mask = copy_task(family)
     reference, out, optimized = generate_through_kernelstack(model, ids, mask, 64, kv_cache_dtype=kv_cache_dtype)
     firsts = [f for f in first_divergences(reference, out, ids.shape[1]) if f is not None]
     rate = agreement_rate(reference, out, ids.shape[1])
@@ -112,16 +124,19 @@ def test_generate_bf16_diverges_from_hf_only_at_near_ties(family):
     assert all(d.margin < NEAR_TIE for d in found)
 
 
-@pytest.mark.parametrize("kv_cache_dtype, decode_kernel", [("auto", "tensor_cores"), ("fp8_e4m3", "xqa"),
-                                                          ("fp8_e4m3", "cuda_cores")])
-def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel):
-    model, ids, mask = agreement_setup("llama", "copy-task", "cuda", prompts=5)
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("kv_cache_dtype, decode_kernel", [("auto", "tensor_cores"), ("auto", "xqa"),
+                                                          ("fp8_e4m3", "xqa"), ("fp8_e4m3", "cuda_cores")])
+def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel, do_sample):
+    model, ids, mask = copy_task("llama", prompts=5)
     graphs = copy.deepcopy(model)
     options = dict(kv_cache_dtype=kv_cache_dtype, decode_kernel=decode_kernel)
     ksbackend.optimize(model, cuda_graphs=False, **options)
     ksbackend.optimize(graphs, cuda_graphs=True, **options)
-    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=do_sample, pad_token_id=0, repetition_penalty=1.1)
+    torch.manual_seed(0)
     eager_out = model.generate(ids, **kwargs)
+    torch.manual_seed(0)
     graph_out = graphs.generate(ids, **kwargs)
     assert torch.equal(eager_out, graph_out)
     report = str(ksbackend.explain(graphs))
@@ -181,7 +196,7 @@ def test_teacher_forced_accuracy_is_within_hf_bf16s_own(weights):
         ids, mask = left_pad([torch.randint(3, 128000, (int(n),), generator=gen)
                               for n in torch.randint(16, 200, (8,), generator=gen)], device="cuda")
     else:
-        model, ids, mask = agreement_setup("llama", "copy-task", "cuda", prompts=16)
+        model, ids, mask = copy_task("llama", prompts=16)
     candidates = {"kernelstack": kernelstack_forced(ksbackend.optimize(copy.deepcopy(model))),
                   "fp8": kernelstack_forced(ksbackend.optimize(copy.deepcopy(model), kv_cache_dtype="fp8_e4m3"))}
     results = teacher_forced(model, copy.deepcopy(model).float(), ids, mask, 32, candidates)

@@ -17,8 +17,10 @@ import torch
 from .common import table, wall
 
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
-SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "no-graphs", "no-fused-kernels", "no-flashinfer")
-VARIANTS = {"kernelstack": {}, "no-graphs": {"cuda_graphs": False},
+SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "kernelstack-sampling", "no-graphs", "no-fused-kernels",
+           "no-flashinfer")
+SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+VARIANTS = {"kernelstack": {}, "kernelstack-sampling": {}, "no-graphs": {"cuda_graphs": False},
             "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
                                                                         "act_and_mul"]}},
             "no-flashinfer": {"attention": "reference"}}
@@ -48,7 +50,7 @@ def scenario_prompts(model, batch, ragged):
 
 
 def timed_generate(model, ids, mask, new_tokens, **extra):
-    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+    kwargs = dict(dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0), **extra)
     return wall(lambda: model.generate(ids, **kwargs))
 
 
@@ -133,10 +135,10 @@ def run_model(bw, out, results, name, batches, systems):
         for system in systems:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            extra = {}
-            if system == "hf-static":
-                extra = dict(cache_implementation="static")
-            elif system in VARIANTS:
+            extra = dict(cache_implementation="static") if system == "hf-static" else {}
+            if system == "kernelstack-sampling":
+                extra = SAMPLING
+            if system in VARIANTS:
                 ksbackend.optimize(model, **VARIANTS[system])
             try:
                 m, output = measure(model, ids, mask, **extra)
@@ -149,7 +151,7 @@ def run_model(bw, out, results, name, batches, systems):
             m["bw_util"] = decode_bytes(model, lengths, LONG // 2) / (m["decode_ms"] * 1e-3) / bw
             if system == "hf-eager":
                 reference = output
-            elif reference is not None:
+            elif reference is not None and system != "kernelstack-sampling":
                 m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
             if system == "kernelstack":
                 m["replay"] = replay_alone(model, lengths)
@@ -193,7 +195,8 @@ def tables(bw, out, results):
                        f"{rp['kernels']:.0f} kernels, {rp['kernel_ms']:.2f} ms summed",
                        f"generate / replay {base['decode_ms'] / rp['replay_ms']:.2f}x"]
 
-    table(out, "model.generate, greedy, bf16 (decode ms/token = (t(144 new) - t(16 new)) / 128)",
+    table(out, "model.generate, bf16, greedy (kernelstack-sampling: temperature 0.7, top-k 50, top-p 0.9); "
+               "decode ms/token = (t(144 new) - t(16 new)) / 128",
           ["model", "batch / prompts", "system", "generate ms/token (prefill incl.)", "decode ms/token", "tokens/s",
            "decode BW util", "speedup vs HF eager", "speedup vs HF static+compile", "first call s", "peak GiB"],
           main_rows())

@@ -87,7 +87,44 @@ def silu_and_mul(bw, out):
            "HBM floor", "BW util", "vs compile"], rows())
 
 
+def sampler(bw, out):
+    """Temperature 0.7, top-k 50, top-p 0.9 over Llama-3's vocabulary, fp32 logits: HF's warper chain as
+    torch ops, FlashInfer's fused sampler, kernelstack's (inside a CUDA graph, as decode runs it)."""
+    import flashinfer
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from ksbackend.ops.sampling import SamplingParams
+
+    vocab = 128256
+    warpers = [TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)]
+
+    def hf(logits):
+        scores = logits
+        for w in warpers:
+            scores = w(None, scores)
+        return torch.multinomial(scores.softmax(-1), 1)
+
+    def rows():
+        for batch in (1, 32, 128):
+            logits = torch.randn(batch, vocab, device="cuda") * 3
+            params = SamplingParams.from_values(batch, "cuda", temperature=0.7, top_k=50, top_p=0.9)
+            seed, offset = torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda")
+            generator = torch.Generator("cuda").manual_seed(0)
+            t_hf = bench_us(lambda: hf(logits))
+            t_fi = bench_us(lambda: flashinfer.sampling.top_k_top_p_sampling_from_logits(
+                logits / 0.7, 50, 0.9, generator=generator))
+            t_ks = bench_us(lambda: params.sample(logits, seed, offset))
+            floor = batch * vocab * 4 / bw * 1e6
+            yield [batch, f"{t_hf:.1f}", f"{t_fi:.1f}", f"{t_ks:.1f}", f"{floor:.1f}", f"{t_hf / t_ks:.1f}x",
+                   f"{t_fi / t_ks:.2f}x"]
+
+    table(out, "Sampling over a 128256-token vocabulary (fp32 logits, temperature 0.7, top-k 50, top-p 0.9), microseconds",
+          ["batch", "HF warpers (torch)", "flashinfer top_k_top_p", "kernelstack (Triton)", "floor (read once)",
+           "vs HF", "vs flashinfer"], rows())
+
+
 def run(bw, out):
     add_rms_norm(bw, out)
     rope(bw, out)
     silu_and_mul(bw, out)
+    sampler(bw, out)

@@ -42,6 +42,12 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition_penalty, freque
                          presence_penalty, token_counts, allowed_bitmask, greedy, seed, offset)
 
 
+def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
+    from .rope_append import rope_paged_attention_triton
+
+    return rope_paged_attention_triton(q, k, v, cos, sin, layer, scale, window_left)
+
+
 def register_cuda_kernels():
     for name, fn, what in [
         ("rms_norm", _rms_norm, "generated Triton row kernel"),
@@ -49,9 +55,12 @@ def register_cuda_kernels():
         ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
         ("rope", _rope, "Triton kernel (q and k in one launch)"),
         ("sample", _sample, "Triton sampler (2 launches, no sort: per-chunk shortlists, per-row warpers and draw)"),
+        ("rope_paged_attention", _rope_paged_attention,
+         "Triton RoPE + K/V append (one launch), then the step's FlashInfer attention kernel"),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
     ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill; paged decode by the kernel the runtime report names)")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
     ops.register_implementation("rope_cos_sin", "cuda", "torch pointwise ops (fused by Inductor)")
+    ops.register_implementation("linear_cat", "cuda", "one cuBLAS GEMM over weights laid out back to back")

@@ -113,6 +113,8 @@ class Scheduler:
             while waiting or running or inflight:
                 running = self._retire(running)
                 if waiting and len(running) < self.max_rows and self._admit(waiting, running, stats, inflight):
+                    while lockstep and inflight:  # a grammar's next allowed set needs the prefill's tokens now
+                        self._process(inflight.popleft(), stats)
                     running = self._retire(running)
                 if waiting and not running and not inflight:  # nothing holds pages, yet the next one cannot start
                     need = self.pool.pages_for(len(waiting[0].prompt) + waiting[0].max_new_tokens)
