@@ -165,11 +165,11 @@ def test_decode_loop_never_waits_for_the_gpu_but_for_one_step_late_tokens(monkey
     seen = {}
     run = Scheduler.run
 
-    def guarded(self, requests):
+    def guarded(self, requests, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                stats = run(self, requests)
+                stats = run(self, requests, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         seen["stats"], seen["calls"] = stats, [e.name for e in prof.events()]

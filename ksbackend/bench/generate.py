@@ -75,11 +75,11 @@ def decode_bytes(model, lengths, step):
 def replay_alone(model, lengths, steps=64):
     """The captured decode graph replayed back to back over a live batch of ``lengths``-token sequences:
     ms per replay, kernels per replay and their summed time (profiler)."""
-    from ksbackend.runtime.model_runner import NewRow, RowParams
+    from ksbackend.runtime.model_runner import NewRow, RowParams, Selection
 
     engine = model._kernelstack_engine
     runner = engine.runner
-    graphs = runner.graphs.get(False)
+    graphs = runner.graphs.get(Selection())
     if graphs is None:
         return None
     gen = torch.Generator().manual_seed(1)
@@ -90,8 +90,8 @@ def replay_alone(model, lengths, steps=64):
         for row in rows:
             runner.pool.reserve(row.seq_id, len(row.tokens) + 3 * steps + 8)
         try:
-            runner.add_rows(rows, runner.prefill(rows))
-            runner.decode(n, sampling=False)  # captures if needed
+            runner.add_rows(rows, *runner.prefill(rows, Selection()))
+            runner.decode(n, Selection())  # captures if needed
             bucket = graphs.bucket_for(n)
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -115,13 +115,14 @@ class DecodeBuffers:
         lazy = [t for t in (self.counts, self.bitmask) if t is not None]
         return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, *self.params.values(), *lazy]
 
-    def clear(self, start, stop) -> None:
-        """Make rows [start, stop) padding."""
+    def clear(self, start, stop, host=True) -> None:
+        """Make rows [start, stop) padding (on the device; and in the host mirrors unless ``host`` is False)."""
         self.lens[start:stop] = 0
         self.active[start:stop] = 0
         self.table[start:stop] = self.scratch_page
-        self.table_host[start:stop] = self.scratch_page
-        self.lens_host[start:stop] = 0
+        if host:
+            self.table_host[start:stop] = self.scratch_page
+            self.lens_host[start:stop] = 0
 
     def keep(self, order: list[int], live: int) -> None:
         """Rows ``order`` (old indices) become rows 0..len(order)-1; the rest of the first ``live`` become padding."""
@@ -394,7 +395,7 @@ class ModelRunner:
     def _park(self, bucket):
         """Warm-up calls before a capture run for real: give them padding rows, keep the live ones aside."""
         self._parked = [t[:bucket].clone() for t in self.buffers.row_tensors()] + [self.rng[1].clone()]
-        self.buffers.clear(0, bucket)
+        self.buffers.clear(0, bucket, host=False)  # the host mirrors still describe the live rows the plans use
 
     def _unpark(self, bucket):
         *rows, offset = self._parked
