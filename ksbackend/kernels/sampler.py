@@ -328,11 +328,13 @@ def _masses(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m, temp
 
 
 def launch_shape(batch, vocab):
-    """(chunk, num_warps) of launch 1: about 512 programs in all, chunks of 2048 to 4096 tokens (smaller ones would
-    leave launch 2 more lists to filter), 8 tokens a thread (about 80 registers: several programs resident per SM, so
-    one's loads overlap another's compute)."""
-    chunk = min(max(triton.next_power_of_2(triton.cdiv(batch * vocab, 512)), 2048), 4096)
-    chunk = min(chunk, max(triton.next_power_of_2(vocab), 64))
+    """(chunk, num_warps) of launch 1: chunks of 2048 tokens, 8 tokens a thread.
+
+    Measured on an H100 (docs/benchmarks.md): with 4096-token chunks a third of the rows overflowed a chunk's list and
+    took the full-row path (3.7 ms at batch 32 against 23 us at batch 1). With 2048-token chunks, 256 groups per
+    chunk and 256 groups in launch 2, a simulation of this filter over 1,600 Gaussian rows (std 1 to 8, top-k 50,
+    top-p 0.9) never left the fast path."""
+    chunk = min(2048, max(triton.next_power_of_2(vocab), 64))
     return chunk, min(max(chunk // 256, 4), 16)
 
 
@@ -364,11 +366,13 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
               "SLOTS": slots}
     strides = (logits.stride(0), counts.stride(0), mask.stride(0))
     # vocab is a constexpr (one compile per model vocabulary): loop bounds and masks fold into constants
+    # 256 groups: the bound is the 64th of 256 group maxima, so about 74 tokens pass a chunk's filter (89 with 128
+    # groups), which keeps lists from overflowing their slots (an overflow sends the row down the full-row path)
     _chunk_kernel[(n_chunks, batch)](logits, counts, mask, *strides, *rows, best, best_idx, sums, floors, lists,
-                                     n_chunks, vocab, CHUNK=chunk, GROUPS=min(128, chunk), num_warps=warps, **common)
+                                     n_chunks, vocab, CHUNK=chunk, GROUPS=min(256, chunk), num_warps=warps, **common)
     chunks = triton.next_power_of_2(n_chunks)
     _row_kernel[(batch,)](logits, counts, mask, *strides, *rows, best, best_idx, sums, floors, lists, top, out,
-                          n_chunks, vocab, CHUNKS=chunks, GROUPS=min(128, chunks * slots),
+                          n_chunks, vocab, CHUNKS=chunks, GROUPS=min(256, chunks * slots),
                           BLOCK=min(1024, triton.next_power_of_2(vocab)),
                           num_warps=16, **common)  # one program per row: wide, so its reductions are short
     return out

@@ -14,7 +14,7 @@ from ..compile_cache import progress
 
 
 class CudaGraphRunner:
-    def __init__(self, fn, buckets, before_capture=None, after_capture=None):
+    def __init__(self, fn, buckets, before_capture=None, after_capture=None, label="decode"):
         """``before_capture(bucket)`` / ``after_capture(bucket)`` let the owner put harmless values in its
         buffers while the warm-up calls run (they execute for real) and restore them afterwards."""
         self.fn, self.buckets = fn, tuple(buckets)
@@ -22,11 +22,19 @@ class CudaGraphRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object]] = {}
         self.memory_pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
+        self.label = label
 
     def bucket_for(self, n: int):
         return next((b for b in self.buckets if b >= n), None)
 
     def capture(self, bucket: int) -> None:
+        """Capture ``bucket``'s graph (when a step first needs it: the first token never waits for buckets it
+        does not use)."""
+        with progress(1, f"kernelstack: capturing the {self.label} graph for batch {bucket}", unit="graph") as bar:
+            self._capture(bucket)
+            bar.update()
+
+    def _capture(self, bucket: int) -> None:
         start = time.perf_counter()
         if self.before_capture:
             self.before_capture(bucket)
@@ -43,17 +51,6 @@ class CudaGraphRunner:
         if self.after_capture:
             self.after_capture(bucket)
         self.capture_seconds += time.perf_counter() - start
-
-    def capture_all(self, desc: str, prepare=None) -> None:
-        """Capture every bucket not captured yet, under one progress bar; ``prepare(bucket)`` runs before each
-        capture (the owner's per-bucket setup, e.g. planning a decode kernel)."""
-        with progress(len(self.buckets), desc, unit="bucket") as bar:
-            for bucket in self.buckets:
-                if bucket not in self.graphs:
-                    if prepare is not None:
-                        prepare(bucket)
-                    self.capture(bucket)
-                bar.update()
 
     def run(self, bucket: int):
         """Replay ``bucket``'s graph (capturing it first if needed); returns what ``fn`` returned at capture."""

@@ -60,6 +60,10 @@ class Selection:
     def argmax_only(self) -> bool:
         return not (self.sampling or self.penalties or self.bitmask)
 
+    @property
+    def label(self) -> str:
+        return "+".join(f.name for f in dataclasses.fields(self) if getattr(self, f.name)) or "argmax"
+
 
 @dataclass
 class NewRow:
@@ -75,10 +79,6 @@ class NewRow:
     min_new_tokens: int = 0
     bitmask: torch.Tensor = None  # allowed tokens for its next token, packed int32 (grammar rows)
     fork_of: int = None
-
-
-def selection_name(selection: Selection) -> str:
-    return "+".join(f.name for f in dataclasses.fields(selection) if getattr(selection, f.name)) or "argmax"
 
 
 class DecodeBuffers:
@@ -301,17 +301,14 @@ class ModelRunner:
         if selection not in self.graphs:
             self.graphs[selection] = CudaGraphRunner(lambda b: self._decode_step(b, selection, graphed=True),
                                                      self.buckets, before_capture=self._park,
-                                                     after_capture=self._unpark)
+                                                     after_capture=self._unpark, label=selection.label)
         runner = self.graphs[selection]
         bucket = runner.bucket_for(n)
         if bucket is None:
             self.stats["eager"] += 1
             return self._decode_step(n, selection, graphed=False)
-        prepare = self._plan if self.attention.decode_needs_plan else None
-        if not runner.graphs:  # the first graphed step of this selection: capture every bucket now, under a bar
-            runner.capture_all(f"kernelstack: capturing decode graphs ({selection_name(selection)})", prepare)
-        if prepare is not None:
-            prepare(bucket)
+        if self.attention.decode_needs_plan:
+            self._plan(bucket)
         self.stats[bucket] += 1
         return runner.run(bucket)[:n]
 
