@@ -35,7 +35,7 @@ from .compile_cache import CompileCache, progress
 from .config import RuntimeOptions
 from .distributed import agree_on_min, local_attention_heads
 from .report import Recorder
-from .runtime.kv_pool import KVPool
+from .runtime.kv_pool import FP8_MAX, KVPool, readable_bytes
 from .runtime.model_runner import ModelRunner, RowParams
 from .runtime.scheduler import Request, Scheduler
 
@@ -47,7 +47,7 @@ ATTN_IMPLEMENTATION = "kernelstack"
 CPU_INITIAL_KV_TOKENS = 4096  # the CPU pool starts here and grows as sequences need it
 RESERVE_TOKENS = 256  # pages are reserved this many tokens ahead, so the decode loop rarely touches the table
 FP8_CALIBRATION = (2, 256)  # sequences x tokens of the fixed probe that sets the fp8 KV scales
-FP8_HEADROOM = 4.0  # scale = probe's |max| * headroom / 448: e4m3 is floating point, range costs little precision
+FP8_HEADROOM = 4.0  # scale = probe's |max| * headroom / FP8_MAX: e4m3 is floating point, range costs little precision
 
 # Outputs the fast path does not produce (return_dict_in_generate alone gives ``sequences``).
 _OUTPUT_SETTINGS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
@@ -265,7 +265,8 @@ class KernelstackGenerate:
         real = int(call.attention_mask.sum())
         self.recorder.event(
             f"generate: {batch} sequences, {real} prompt tokens ({batch * width - real} pad tokens skipped)"
-            + (f", {call.copies} samples each (each prompt prefilled once, its pages shared)" if call.copies > 1 else "")
+            + (f", {call.copies} samples each (each prompt prefilled once, its pages shared)"
+               if call.copies > 1 else "")
             + f"; {stats.prefill_steps} prefill steps, {stats.decode_steps} decode steps ({runner.describe_decode()}); "
             f"{stats.preemptions} preemptions; host {1e3 * stats.host_seconds / steps:.2f} ms per step, "
             f"{stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); {elapsed:.2f} s")
@@ -408,7 +409,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, -(-tokens // opts.page_size),
                   opts.page_size, kv_dtype, device, growable=device.type != "cuda" and not opts.max_kv_tokens)
     recorder.event(f"KV pool: {pool.num_pages} pages x {opts.page_size} tokens ({pool.capacity_tokens} tokens, "
-                   f"{per_token * pool.capacity_tokens / 2**20:.1f} MiB, {kv_dtype}) on {device}"
+                   f"{readable_bytes(per_token * pool.capacity_tokens)}, {kv_dtype}) on {device}"
                    + (", grows as needed" if pool.growable else ""))
     if kv_heads != cfg.num_key_value_heads:
         recorder.event(f"tensor parallel: this rank holds {q_heads} of {cfg.num_attention_heads} query heads and "
@@ -441,7 +442,9 @@ def _no_size_one_specialization():
     graphs of their own; size-oblivious symbols keep one graph per path instead."""
     from torch.fx.experimental import _config
 
-    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") else contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True)
 
 
 def _labelled(compiled, path, recorder):
@@ -506,11 +509,12 @@ def _calibrate_fp8_scales(model, pool, recorder):
     ids = torch.randint(0, model.config.vocab_size, (count, length), generator=generator).to(pool.device)
     with torch.inference_mode(), _AttentionImplementation(model, "kernelstack_fp8_probe"):
         model(input_ids=ids, use_cache=False)
-    scale = FP8_HEADROOM / 448.0
+    scale = FP8_HEADROOM / FP8_MAX
     pool.set_fp8_scales([max(seen[i][0] * scale, 1e-6) for i in range(pool.num_layers)],
                         [max(seen[i][1] * scale, 1e-6) for i in range(pool.num_layers)])
     recorder.event(f"fp8 KV scales from a fixed {count}x{length}-token probe, {FP8_HEADROOM}x headroom: K "
-                   f"{min(pool.k_scales):.3g}..{max(pool.k_scales):.3g}, V {min(pool.v_scales):.3g}..{max(pool.v_scales):.3g}")
+                   f"{min(pool.k_scales):.3g}..{max(pool.k_scales):.3g}, "
+                   f"V {min(pool.v_scales):.3g}..{max(pool.v_scales):.3g}")
 
 
 __all__ = ["optimize", "restore", "KernelstackGenerate", "kernelstack_attention"]

@@ -16,7 +16,18 @@ import torch
 
 from ksbackend.ops import attention as _attention_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, dtype_of, erase_unused, is_op, kernelstack_op, op_name, other_operand, shape_of
+from .base import (
+    GraphPass,
+    arg,
+    describe,
+    dtype_of,
+    erase_unused,
+    is_op,
+    kernelstack_op,
+    op_name,
+    other_operand,
+    shape_of,
+)
 
 ks = torch.ops.kernelstack
 

@@ -70,7 +70,7 @@ def test_flashinfer_paths_match_reference(head_dim, decode_kernel, kv_dtype):
 
 
 def test_triton_ops_registered_on_cuda_match_references():
-    x, r = torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16)
+    x, r = (torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     from ksbackend.ops.norm import rms_norm_reference
 
@@ -120,7 +120,8 @@ def test_generate_bf16_diverges_from_hf_only_at_near_ties(family):
     reference, out, _ = generate_through_kernelstack(model, ids, mask, 64)
     found = divergences(copy.deepcopy(model).float(), ids, mask, reference, out)
     print(f"{family}: agreement {agreement_rate(reference, out, ids.shape[1]):.0%}; divergences (step, margin in "
-          f"logit std, fp32 sides with HF / kernelstack): {[(d.step, round(d.margin, 4), d.reference_right, d.candidate_right) for d in found]}")
+          f"logit std, fp32 sides with HF / kernelstack): "
+          f"{[(d.step, round(d.margin, 4), d.reference_right, d.candidate_right) for d in found]}")
     assert all(d.margin < NEAR_TIE for d in found)
 
 

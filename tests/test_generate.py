@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                     TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import ksbackend
 from ksbackend.models import FAMILIES, build_model, left_pad, tiny_config
@@ -119,8 +123,10 @@ def test_a_sequence_that_can_never_fit_is_an_error_before_any_work():
     model = build_model(tiny_config("llama"))
     ksbackend.optimize(model, max_kv_tokens=64, page_size=16, **FX)
     ids, mask = ragged_batch([10, 60])
-    with pytest.raises(KVPoolExhausted, match="max_kv_tokens"):
+    with pytest.raises(KVPoolExhausted, match="max_kv_tokens") as raised:
         model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    message = str(raised.value)
+    assert "32.0 KiB" in message and "kv_memory_fraction" not in message  # what the CPU pool really is and takes
     pool = model._kernelstack_engine.runner.pool
     assert not pool.sequences and pool.allocator.num_used == 1
     assert "prefill" not in str(ksbackend.explain(model))  # nothing ran

@@ -41,7 +41,8 @@ def greedy(out):
                        f"{agreement_rate(reference, candidate, width):.0%}",
                        f"{agreement_rate(reference, fp8_candidate, width):.0%}", ", ".join(map(str, firsts)) or "none",
                        f"{statistics.median(margins):.3f} / {max(margins):.3f}" if margins else "-",
-                       f"{sum(d.reference_right for d in found)} / {sum(d.candidate_right for d in found)} of {len(found)}"]
+                       f"{sum(d.reference_right for d in found)} / {sum(d.candidate_right for d in found)} "
+                       f"of {len(found)}"]
 
     table(out, f"Greedy agreement with HF eager (bf16; 4 layers, hidden 512, 8/2 heads; 32 ragged prompts, "
                f"{NEW_TOKENS} new tokens; HF = batched generate with SDPA)",

@@ -64,7 +64,6 @@ def anchor_shapes(bw, out):
                                                                         enable_gqa=True)
 
             t_hf, t_gqa = bench_us(hf_sdpa), bench_us(gqa_sdpa)
-            del cache_k, cache_v
             t_tc = decode_us(lens, HQ, HKV, D, torch.bfloat16, "tensor_cores")[0]
             t_xqa = decode_us(lens, HQ, HKV, D, torch.bfloat16, "xqa")[0]
             best = min(t_tc, t_xqa)

@@ -241,8 +241,6 @@ def baseline_check(out, name="llama-3.2-1b"):
                  else f"failed: {fresh.stderr[-200:]}"])
     table(out, f"HF eager baseline check ({name}, batch 1, 64 new tokens, ms/token)", ["where", "call", "ms/token"],
           rows)
-    del model
-    torch.cuda.empty_cache()
 
 
 def run(bw, out, models, batches, systems, json_path=None):

@@ -118,7 +118,8 @@ def sampler(bw, out):
             yield [batch, f"{t_hf:.1f}", f"{t_fi:.1f}", f"{t_ks:.1f}", f"{floor:.1f}", f"{t_hf / t_ks:.1f}x",
                    f"{t_fi / t_ks:.2f}x"]
 
-    table(out, "Sampling over a 128256-token vocabulary (fp32 logits, temperature 0.7, top-k 50, top-p 0.9), microseconds",
+    table(out, "Sampling over a 128256-token vocabulary (fp32 logits, temperature 0.7, top-k 50, top-p 0.9), "
+               "microseconds",
           ["batch", "HF warpers (torch)", "flashinfer top_k_top_p", "kernelstack (Triton)", "floor (read once)",
            "vs HF", "vs flashinfer"], rows())
 

@@ -14,12 +14,10 @@ import triton.language as tl
 from .generator import next_power_of_2
 from .rope import rotate_halves
 
-FP8_MAX = 448.0
-
 
 @triton.jit
 def _cache_store(ptr, x, scale, mask, FP8: tl.constexpr):
-    if FP8:  # divided, not multiplied by the inverse: bit for bit what KVPool.write stores
+    if FP8:  # divided, not multiplied by the inverse: bit for bit what KVPool.write stores (448: e4m3's max)
         x = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
     tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.context import get_forward_context
-from .rope import rope as rope_op
 from ..runtime.metadata import DecodeMetadata
+from .rope import rope as rope_op
 
 
 def _window_mask(q_pos, k_pos, kv_lens, window_left):

@@ -19,6 +19,10 @@ from .metadata import BatchMetadata, DecodeMetadata, build_batch_metadata
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+def readable_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 class KVPoolExhausted(RuntimeError):
     """The step needs more KV pages than are free. Raised before any state changes."""
 
@@ -111,9 +115,6 @@ class KVPool:
     def bytes_per_token(self) -> int:
         return self.token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
-    def bytes_in_use(self) -> int:
-        return self.allocator.num_used * self.page_size * self.bytes_per_token()
-
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
@@ -152,11 +153,12 @@ class KVPool:
 
     def exhausted_error(self, needed_pages: int, what: str) -> KVPoolExhausted:
         per_token = self.bytes_per_token()
+        fraction = " or kv_memory_fraction=..." if self.device.type == "cuda" else ""  # the GPU sizes from free memory
         return KVPoolExhausted(
-            f"kernelstack KV pool too small: {what} needs {needed_pages} pages of {self.page_size} tokens, the pool has "
-            f"{self.num_pages} ({self.capacity_tokens} tokens, {per_token * self.capacity_tokens / 2**20:.1f} MiB). "
-            f"Raise it with ksbackend.optimize(model, max_kv_tokens=N) (each token costs {per_token} bytes) or "
-            f"kv_memory_fraction=..., or use a shorter prompt or fewer max_new_tokens.")
+            f"kernelstack KV pool too small: {what} needs {needed_pages} pages of {self.page_size} tokens, the pool "
+            f"has {self.num_pages} ({self.capacity_tokens} tokens, {readable_bytes(per_token * self.capacity_tokens)})."
+            f" Raise it with ksbackend.optimize(model, max_kv_tokens=N) (each token costs {per_token} bytes)"
+            f"{fraction}, or use a shorter prompt or fewer max_new_tokens.")
 
     def extend(self, seq_ids, new_tokens) -> BatchMetadata:
         """Grow each sequence by its new tokens (allocating pages, all or nothing) and return the step's
@@ -193,10 +195,6 @@ class KVPool:
         seq = self.sequences.pop(seq_id, None)
         if seq is not None:
             self.allocator.free(seq.pages)
-
-    def release_all(self) -> None:
-        for seq_id in list(self.sequences):
-            self.release(seq_id)
 
     # -- K/V ------------------------------------------------------------------------------------------
     def set_fp8_scales(self, k_scales, v_scales) -> None:

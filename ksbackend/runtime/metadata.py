@@ -40,12 +40,6 @@ class BatchMetadata:
     def num_tokens(self) -> int:
         return self.positions.numel()
 
-    @classmethod
-    def empty(cls, page_size) -> "BatchMetadata":
-        i32, i64 = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
-        zero = torch.zeros(1, dtype=torch.int32)
-        return cls(zero, zero, i32, i32, i32, i64, i64, i32, page_size, 1, 1)
-
     def to(self, device) -> "BatchMetadata":
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return BatchMetadata(**moved)

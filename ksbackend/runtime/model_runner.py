@@ -113,7 +113,8 @@ class DecodeBuffers:
 
     def row_tensors(self):
         lazy = [t for t in (self.counts, self.bitmask) if t is not None]
-        return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, *self.params.values(), *lazy]
+        return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, *self.params.values(),
+                *lazy]
 
     def clear(self, start, stop, host=True) -> None:
         """Make rows [start, stop) padding (on the device; and in the host mirrors unless ``host`` is False)."""
@@ -154,8 +155,8 @@ class DecodeBuffers:
 
 
 class ModelRunner:
-    def __init__(self, forward_prefill, forward_decode, pool, attention, capacity, buckets, cuda_graphs, width, vocab_size,
-                 model_scope=contextlib.nullcontext):
+    def __init__(self, forward_prefill, forward_decode, pool, attention, capacity, buckets, cuda_graphs, width,
+                 vocab_size, model_scope=contextlib.nullcontext):
         """``forward_prefill(ids [1, N], positions [1, N], keep [K]) -> logits [1, K, V]`` and
         ``forward_decode(ids [1, B], positions [1, B]) -> logits [1, B, V]`` are the compiled forwards;
         ``model_scope()`` is entered around every forward call (the model's attention implementation)."""
@@ -239,7 +240,8 @@ class ModelRunner:
             index = [position[id(rows[r.fork_of] if r.fork_of is not None else r)] for r in rows]
             logits = logits.index_select(0, torch.tensor(index).to(self.device, non_blocking=True))
         params = {f.name: torch.tensor([getattr(r.params, f.name) for r in rows],
-                                       dtype=SAMPLER_DTYPES.get(f.name, torch.float32)).to(self.device, non_blocking=True)
+                                       dtype=SAMPLER_DTYPES.get(f.name, torch.float32)).to(self.device,
+                                                                                             non_blocking=True)
                   for f in dataclasses.fields(RowParams)}
         counts = bitmask = generated = min_new = None
         if selection.penalties:
