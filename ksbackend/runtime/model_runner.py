@@ -47,6 +47,13 @@ class RowParams:
 SAMPLER_DTYPES = {"top_k": torch.int64, "greedy": torch.bool}  # the rest are float32
 
 
+def sampler_columns(params: list[RowParams]) -> dict:
+    """Rows' settings as host tensors, one per ``kernelstack::sample`` argument (what prefill sends to the device
+    and what the decode buffers hold)."""
+    return {f.name: torch.tensor([getattr(p, f.name) for p in params], dtype=SAMPLER_DTYPES.get(f.name, torch.float32))
+            for f in dataclasses.fields(RowParams)}
+
+
 @dataclass(frozen=True)
 class Selection:
     """What choosing this step's tokens takes beyond an argmax; each combination is a graph of its own."""
@@ -135,18 +142,23 @@ class DecodeBuffers:
         self.lens_host[: len(order)] = self.lens_host.index_select(0, index)
         self.clear(len(order), live)
 
-    def put(self, row: int, length: int, pages: list[int], new: NewRow) -> None:
-        """Row ``row`` holds a sequence of ``length`` cached tokens in ``pages`` (its first token comes separately)."""
-        table = torch.full((self.width,), self.scratch_page, dtype=torch.int32)
-        table[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.table_host[row] = table
-        self.lens_host[row] = length
-        # Host-to-device copies from pageable memory are staged at once: the host never waits for the GPU.
-        self.table[row].copy_(table, non_blocking=True)
-        targets = [(self.lens, length), (self.active, 1), (self.generated, new.generated + 1),
-                   (self.min_new, new.min_new_tokens)] + [(self.params[k], v) for k, v in vars(new.params).items()]
-        for target, value in targets:
-            target[row : row + 1].copy_(torch.tensor([value], dtype=target.dtype), non_blocking=True)
+    def put(self, start: int, rows: list[NewRow], lengths: list[int], page_lists: list[list[int]]) -> None:
+        """Rows ``start...`` hold ``rows``: ``lengths`` cached tokens in ``page_lists`` (first tokens come separately).
+        One copy per buffer for all of them; host-to-device copies from pageable memory are staged at once, so the
+        host never waits for the GPU."""
+        stop = start + len(rows)
+        table = torch.full((len(rows), self.width), self.scratch_page, dtype=torch.int32)
+        for i, pages in enumerate(page_lists):
+            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.table_host[start:stop] = table
+        self.lens_host[start:stop] = torch.tensor(lengths, dtype=torch.int32)
+        columns = [(self.table, table), (self.lens, self.lens_host[start:stop]),
+                   (self.active, torch.ones(len(rows), dtype=torch.int32)),
+                   (self.generated, torch.tensor([r.generated + 1 for r in rows], dtype=torch.int32)),
+                   (self.min_new, torch.tensor([r.min_new_tokens for r in rows], dtype=torch.int32))]
+        columns += [(self.params[k], v) for k, v in sampler_columns([r.params for r in rows]).items()]
+        for target, values in columns:
+            target[start:stop].copy_(values, non_blocking=True)
 
     def add_pages(self, row: int, first: int, pages: list[int]) -> None:
         chunk = torch.tensor(pages, dtype=torch.int32)
@@ -184,9 +196,8 @@ class ModelRunner:
         """Append rows whose pages already hold their tokens; ``first_tokens`` (device) are their next inputs,
         ``counts`` their penalty counts so far (from ``prefill``)."""
         start, buf = self.live, self.buffers
-        for i, row in enumerate(rows):
-            seq = self.pool.sequences[row.seq_id]
-            buf.put(start + i, seq.length, seq.pages, row)
+        seqs = [self.pool.sequences[row.seq_id] for row in rows]
+        buf.put(start, rows, [s.length for s in seqs], [s.pages for s in seqs])
         buf.ids[start : start + len(rows)].copy_(first_tokens)
         if counts is not None:
             if buf.counts is None:
@@ -239,10 +250,7 @@ class ModelRunner:
             position = {id(r): i for i, r in enumerate(run)}
             index = [position[id(rows[r.fork_of] if r.fork_of is not None else r)] for r in rows]
             logits = logits.index_select(0, torch.tensor(index).to(self.device, non_blocking=True))
-        params = {f.name: torch.tensor([getattr(r.params, f.name) for r in rows],
-                                       dtype=SAMPLER_DTYPES.get(f.name, torch.float32)).to(self.device,
-                                                                                             non_blocking=True)
-                  for f in dataclasses.fields(RowParams)}
+        params = {k: v.to(self.device, non_blocking=True) for k, v in sampler_columns([r.params for r in rows]).items()}
         counts = bitmask = generated = min_new = None
         if selection.penalties:
             counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
