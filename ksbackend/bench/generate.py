@@ -54,15 +54,18 @@ def timed_generate(model, ids, mask, new_tokens, **extra):
     return wall(lambda: model.generate(ids, **kwargs))
 
 
-def measure(model, ids, mask, **extra):
-    """First-call seconds, generate ms/token at LONG, decode-only ms/token, and the LONG output. Both lengths are
-    run once before timing: HF's static cache is sized by the call's max length, so a new length recompiles."""
-    _, first = timed_generate(model, ids, mask, SHORT, **extra)  # compiles, captures, warms up
-    timed_generate(model, ids, mask, LONG, **extra)
-    _, short = timed_generate(model, ids, mask, SHORT, **extra)
-    out, long = timed_generate(model, ids, mask, LONG, **extra)
-    return dict(first_s=first, generate_ms=1e3 * long / LONG, decode_ms=1e3 * (long - short) / (LONG - SHORT),
-                prefill_ms=1e3 * (short - SHORT * (long - short) / (LONG - SHORT))), out
+def measure(model, ids, mask, lengths=(SHORT, LONG), **extra):
+    """First-call seconds, generate ms/token at the long length, decode-only ms/token, and the long output. Both
+    lengths run once before timing: HF's static cache is sized by the call's max length, so a new length
+    recompiles."""
+    few, many = lengths
+    _, first = timed_generate(model, ids, mask, few, **extra)  # compiles, captures, warms up
+    timed_generate(model, ids, mask, many, **extra)
+    _, short = timed_generate(model, ids, mask, few, **extra)
+    out, long = timed_generate(model, ids, mask, many, **extra)
+    decode = (long - short) / (many - few)
+    return dict(first_s=first, generate_ms=1e3 * long / many, decode_ms=1e3 * decode,
+                prefill_ms=1e3 * (short - few * decode)), out
 
 
 def decode_bytes(model, lengths, step):

@@ -12,7 +12,7 @@ Every part is measured in this run, the same way for every system:
 import torch
 
 from .common import table, wall
-from .generate import load, scenario_prompts
+from .generate import load, measure, scenario_prompts
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STATIC_BATCHES = (1, 4, 16, 64, 256)  # HF static + compile compiles per batch size: fewer points
@@ -42,24 +42,17 @@ def launch_costs(count=2000):
 
 
 def kernels_per_step(model, ids, mask, **extra):
-    """(kernels, kernel ms) per decode step: profiler totals of two generate lengths, differenced."""
+    """(kernels, kernel ms) per decode step: profiler totals of the two generate lengths ``measure`` already ran
+    (so nothing compiles or captures here), differenced."""
     totals = []
-    for new in (SHORT, SHORT + 16):
+    for new in (SHORT, LONG):
         kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model.generate(ids, **kwargs)
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
         totals.append((len(kernels), sum(e.device_time for e in kernels) / 1e3))
-    return (totals[1][0] - totals[0][0]) / 16, (totals[1][1] - totals[0][1]) / 16
-
-
-def step_ms(model, ids, mask, **extra):
-    times = []
-    for new in (SHORT, SHORT, LONG):
-        kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
-        times.append(wall(lambda: model.generate(ids, **kwargs))[1])
-    return 1e3 * (times[2] - times[1]) / (LONG - SHORT)
+    return (totals[1][0] - totals[0][0]) / (LONG - SHORT), (totals[1][1] - totals[0][1]) / (LONG - SHORT)
 
 
 def run(bw, out, name="llama-3.2-1b", png="docs/overhead.png"):
@@ -76,7 +69,7 @@ def run(bw, out, name="llama-3.2-1b", png="docs/overhead.png"):
             ids, mask, _ = scenario_prompts(model, batch, ragged=False)
             extra = dict(cache_implementation="static") if system == "hf-static" else {}
             try:
-                w = step_ms(model, ids, mask, **extra)
+                w = measure(model, ids, mask, lengths=(SHORT, LONG), **extra)[0]["decode_ms"]
                 n, k = kernels_per_step(model, ids, mask, **extra)
             except Exception as exc:  # e.g. out of memory at the largest batch: keep the other points
                 print(f"overhead {system} batch {batch}: failed: {type(exc).__name__}: {exc}", flush=True)
