@@ -32,6 +32,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+def ragged_batch(lengths, vocab=256, pad=0):
+    """Left-padded random prompts of the given lengths, as a tokenizer would return them."""
+    from ksbackend.models import left_pad
+
+    return left_pad([torch.randint(3, vocab, (n,)) for n in lengths], pad_token_id=pad)
+
+
 def compile_fx(model, **options):
     """torch.compile through kernelstack, executing the rewritten graph as plain FX (fast on CPU)."""
     return torch.compile(model, backend="kernelstack", options={"executor": "fx", **options})

@@ -10,15 +10,12 @@ from transformers.generation.logits_process import (
 )
 
 import ksbackend
-from ksbackend.models import FAMILIES, build_model, left_pad, tiny_config
+from ksbackend.models import FAMILIES, build_model, tiny_config
 from ksbackend.runtime.kv_pool import KVPoolExhausted
 
+from .conftest import ragged_batch
+
 FX = {"backend_options": {"executor": "fx"}}
-
-
-def ragged_batch(lengths, vocab=256, pad=0):
-    """Left-padded random prompts of the given lengths, as a tokenizer would return them."""
-    return left_pad([torch.randint(3, vocab, (n,)) for n in lengths], pad_token_id=pad)
 
 
 def hf_and_kernelstack(family, calls, **gen):

@@ -11,13 +11,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import ksbackend
-from ksbackend.models import build_model, left_pad, tiny_config
+from ksbackend.models import build_model, tiny_config
+
+from .conftest import ragged_batch
 
 FX = {"backend_options": {"executor": "fx"}}
-
-
-def prompts(lengths):
-    return left_pad([torch.randint(3, 256, (n,)) for n in lengths])
 
 
 def fast_and_hf(model, ids, **kwargs):
@@ -33,7 +31,7 @@ def fast_and_hf(model, ids, **kwargs):
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_repetition_penalty_greedy_equals_hf(penalty):
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([6, 11, 4])
+    ids, mask = ragged_batch([6, 11, 4])
     ref, out, _ = fast_and_hf(model, ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
                               repetition_penalty=penalty)
     assert torch.equal(out, ref)
@@ -41,7 +39,7 @@ def test_repetition_penalty_greedy_equals_hf(penalty):
 
 def test_min_new_tokens_bans_eos_like_hf():
     model = build_model(tiny_config("qwen2"))
-    ids, mask = prompts([5, 8])
+    ids, mask = ragged_batch([5, 8])
     free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     eos = int(free[0, ids.shape[1] + 1])  # row 0 would stop at its second token
     ref, out, _ = fast_and_hf(model, ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=6, do_sample=False,
@@ -52,7 +50,7 @@ def test_min_new_tokens_bans_eos_like_hf():
 
 def test_num_return_sequences_prefills_each_prompt_once_and_shares_its_pages():
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([70, 9])
+    ids, mask = ragged_batch([70, 9])
     torch.manual_seed(0)
     optimized = ksbackend.optimize(copy.deepcopy(model), page_size=16, **FX)
     out = optimized.generate(ids, attention_mask=mask, do_sample=True, num_return_sequences=8, max_new_tokens=5,
@@ -70,7 +68,7 @@ def test_num_return_sequences_prefills_each_prompt_once_and_shares_its_pages():
 
 def test_stopping_criteria_and_streamer_see_what_hf_shows_them():
     model = build_model(tiny_config("mistral"))
-    ids, mask = prompts([7])
+    ids, mask = ragged_batch([7])
 
     class StopAfterToken(StoppingCriteria):
         def __init__(self, token):
@@ -106,7 +104,7 @@ def test_stopping_criteria_and_streamer_see_what_hf_shows_them():
 
 def test_return_dict_in_generate_gives_sequences():
     model = build_model(tiny_config("gemma"))
-    ids, mask = prompts([5, 3])
+    ids, mask = ragged_batch([5, 3])
     ref, out, _ = fast_and_hf(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                               return_dict_in_generate=True)
     assert type(out).__name__ == type(ref).__name__ and torch.equal(out.sequences, ref.sequences)
@@ -114,7 +112,7 @@ def test_return_dict_in_generate_gives_sequences():
 
 def test_output_scores_still_goes_to_hf_with_the_reason():
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([5])
+    ids, mask = ragged_batch([5])
     optimized = ksbackend.optimize(copy.deepcopy(model), **FX)
     with pytest.warns(UserWarning, match="output_scores"):
         out = optimized.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
@@ -132,7 +130,7 @@ def test_json_schema_through_xgrammar_gives_valid_json_on_every_row():
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
               "required": ["ok", "n"], "additionalProperties": False}
     grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
-    ids, mask = prompts([6, 9, 4])
+    ids, mask = ragged_batch([6, 9, 4])
     optimized = ksbackend.optimize(copy.deepcopy(model), **FX)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -16,15 +16,11 @@ import transformers
 
 import ksbackend
 import ksbackend.hf
-from ksbackend.models import FAMILIES, build_model, left_pad, tiny_config
+from ksbackend.models import FAMILIES, build_model, tiny_config
 
-from .conftest import compile_fx
+from .conftest import compile_fx, ragged_batch
 
 FX = {"backend_options": {"executor": "fx"}}
-
-
-def prompts(lengths, vocab=256, pad=0):
-    return left_pad([torch.randint(3, vocab, (n,)) for n in lengths], pad_token_id=pad)
 
 
 def optimized_copy(model, **options):
@@ -34,7 +30,7 @@ def optimized_copy(model, **options):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_no_length_argument_uses_hf_default_of_20_new_tokens(family):
     model = build_model(tiny_config(family))
-    ids, mask = prompts([6, 9])
+    ids, mask = ragged_batch([6, 9])
     ref = model.generate(ids, attention_mask=mask, pad_token_id=0)
     out = optimized_copy(model).generate(ids, attention_mask=mask, pad_token_id=0)
     assert ref.shape[1] == ids.shape[1] + 20
@@ -72,7 +68,7 @@ def test_sampling_follows_hf_resolved_defaults_top_k_50():
 
 def test_deepcopy_of_an_optimized_model_generates_with_its_own_weights():
     model = build_model(tiny_config("qwen2"))
-    ids, mask = prompts([5, 8])
+    ids, mask = ragged_batch([5, 8])
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     optimized = optimized_copy(model)
     optimized.generate(ids, **kwargs)  # the runtime exists now: the copy must not share it
@@ -90,7 +86,7 @@ def test_deepcopy_of_an_optimized_model_generates_with_its_own_weights():
 def test_three_threads_four_calls_each_get_their_own_answers():
     model = build_model(tiny_config("llama"))
     optimized = optimized_copy(model)
-    work = [prompts(lengths) for lengths in ([3, 7], [5], [9, 2, 4], [6, 6], [1, 8], [4], [7, 3, 5], [2, 2],
+    work = [ragged_batch(lengths) for lengths in ([3, 7], [5], [9, 2, 4], [6, 6], [1, 8], [4], [7, 3, 5], [2, 2],
                                              [8], [5, 9], [3], [6, 1, 2])]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = [model.generate(ids, attention_mask=mask, **kwargs) for ids, mask in work]
@@ -115,7 +111,7 @@ def test_three_threads_four_calls_each_get_their_own_answers():
 
 def test_eos_list_without_pad_pads_with_the_first_eos_like_hf():
     model = build_model(tiny_config("mistral"))
-    ids, mask = prompts([4, 7, 5])
+    ids, mask = ragged_batch([4, 7, 5])
     free_run = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     new = free_run[:, ids.shape[1]:]
     eos = [int(new[1, 2]), int(new[0, 3])]  # rows stop at different steps
@@ -132,7 +128,7 @@ def test_eos_list_without_pad_pads_with_the_first_eos_like_hf():
 
 def test_seventy_prompts_of_300_tokens_under_default_options():
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([300] * 70)
+    ids, mask = ragged_batch([300] * 70)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(optimized_copy(model).generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                                       pad_token_id=0), ref)
@@ -140,7 +136,7 @@ def test_seventy_prompts_of_300_tokens_under_default_options():
 
 def test_more_prompts_than_max_batch_size_run_in_waves():
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([int(n) for n in torch.randint(2, 12, (300,))])
+    ids, mask = ragged_batch([int(n) for n in torch.randint(2, 12, (300,))])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     optimized = optimized_copy(model)
     out = optimized.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -153,7 +149,7 @@ def test_pool_exhausted_during_decode_preempts_and_keeps_every_token(monkeypatch
     with its tokens so far, and finishes later; the output is HF's."""
     monkeypatch.setattr(ksbackend.hf, "RESERVE_TOKENS", 16)
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([10, 10])
+    ids, mask = ragged_batch([10, 10])
     kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
     optimized = optimized_copy(model, max_kv_tokens=96, page_size=16)  # 5 usable pages; each row ends on 3
     assert torch.equal(optimized.generate(ids, **kwargs), model.generate(ids, **kwargs))
@@ -162,8 +158,8 @@ def test_pool_exhausted_during_decode_preempts_and_keeps_every_token(monkeypatch
 
 def test_fp8_kv_scales_do_not_depend_on_what_ran_before():
     model = build_model(tiny_config("llama"))
-    small, small_mask = prompts([6])
-    big, big_mask = prompts([9])
+    small, small_mask = ragged_batch([6])
+    big, big_mask = ragged_batch([9])
     with torch.no_grad():
         model.model.embed_tokens.weight[big[0]] *= 30  # this prompt's activations are far larger
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -179,7 +175,7 @@ def test_fp8_kv_scales_do_not_depend_on_what_ran_before():
 
 def test_right_padding_warns_like_hf():
     model = build_model(tiny_config("llama"))
-    ids, mask = prompts([5, 3])
+    ids, mask = ragged_batch([5, 3])
     ids, mask = ids.flip(1), mask.flip(1)  # right-padded, as a tokenizer with padding_side="right" gives
     optimized = optimized_copy(model)
     seen = []
