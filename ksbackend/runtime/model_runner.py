@@ -226,12 +226,12 @@ class ModelRunner:
         self.buffers.keep(order, self.live)
         self.live = len(order)
 
-    def extend_pages(self, row: int, seq_id) -> None:
-        """Row ``row``'s sequence got new pages in the pool: put them in its page-table row."""
-        pages = self.pool.sequences[seq_id].pages
-        first = int((self.buffers.table_host[row] != self.scratch_page).sum())
-        if len(pages) > first:
-            self.buffers.add_pages(row, first, pages[first:])
+    def extend_pages(self, row: int, seq_id, new_pages: list[int]) -> None:
+        """Row ``row``'s sequence got ``new_pages`` (the last of its pages in the pool): append them to its
+        page-table row."""
+        if new_pages:
+            first = len(self.pool.sequences[seq_id].pages) - len(new_pages)
+            self.buffers.add_pages(row, first, new_pages)
 
     def advance_host(self, n: int) -> None:
         """The host mirror of the lengths after a decode step of the first ``n`` rows."""

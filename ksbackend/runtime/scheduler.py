@@ -210,8 +210,7 @@ class Scheduler:
                 continue
             want = min(needed + self.reserve_tokens, row.cached + row.remaining)
             if self.pool.pages_for(want) - len(seq.pages) <= self.pool.allocator.num_free or self.pool.growable:
-                self.pool.reserve(row.seq_id, want)
-                self.runner.extend_pages(i, row.seq_id)
+                self.runner.extend_pages(i, row.seq_id, self.pool.reserve(row.seq_id, want))
                 i += 1
                 continue
             running = self._preempt(running, waiting, inflight, stats)
