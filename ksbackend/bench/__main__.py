@@ -7,6 +7,7 @@ Results, with the commands that made them: docs/benchmarks.md.
     python -m ksbackend.bench overhead --png docs/overhead.png   # decode step split, batch 1..256
     python -m ksbackend.bench attention                         # decode kernels at anchor and model shapes, fp8
     python -m ksbackend.bench kernels                           # add+RMSNorm, RoPE, SiLU*mul, the sampler
+    python -m ksbackend.bench startup --model llama-3.1-8b      # first token, cold and in a second process
     python -m ksbackend.bench agreement                         # greedy agreement, teacher-forced KL vs fp32
     python -m ksbackend.bench all
 
@@ -19,11 +20,11 @@ import sys
 
 import torch
 
-SECTIONS = ("generate", "overhead", "attention", "kernels", "agreement", "baseline")
+SECTIONS = ("generate", "overhead", "attention", "kernels", "agreement", "baseline", "startup")
 
 
 def main(argv=None):
-    from . import agreement, attention, generate, kernels, overhead
+    from . import agreement, attention, generate, kernels, overhead, startup
     from .common import copy_bandwidth
 
     argv = sys.argv[1:] if argv is None else argv
@@ -47,6 +48,8 @@ def main(argv=None):
     chosen = SECTIONS if args.what == "all" else (args.what,)
     if "baseline" in chosen:
         generate.baseline_check(out)
+    if "startup" in chosen:
+        startup.run(out, args.model or ["llama-3.2-1b"])
     if "generate" in chosen:
         systems = [s for s in args.systems.split(",") if s]
         generate.run(bw, out, args.model or ["llama-3.2-1b"], args.batch or [1, 32], systems, args.json)
