@@ -114,18 +114,23 @@ def _gumbel(seed, offset, row, idx):
 
 
 @triton.jit
-def _survivors(x, KMAX: tl.constexpr, GROUPS: tl.constexpr):
+def _survivors(x, KMAX: tl.constexpr, GROUPS: tl.constexpr, SORT: tl.constexpr):
     """A superset of the block's best KMAX tokens, found without selecting them: the KMAX-th best of GROUPS group
     maxima is a lower bound on the KMAX-th best score (KMAX distinct tokens reach it), and on random scores only about
     GROUPS * ln(GROUPS / (GROUPS - KMAX)) tokens reach it (74 for 64 of 256 groups). Per token that costs one max and
-    one compare; only the GROUPS maxima are sorted (a bitonic network: G log^2 G steps where pairwise ranks took G^2
-    and spilled registers at 256 groups)."""
+    one compare. The KMAX-th best maximum comes from a bitonic sort of the maxima (SORT: G log^2 G steps, for the
+    many 8-warp programs of launch 1, where G^2 pairwise compares spill registers) or from pairwise ranks (one wide
+    program per row in launch 2, where the short dependency chain measured faster on an H100)."""
     group_max = tl.max(tl.reshape(x, [GROUPS, x.numel // GROUPS]), axis=1)
     if KMAX > GROUPS:  # fewer groups than KMAX: everything survives
         bound = float("-inf")
-    else:
+    elif SORT:
         ranked = tl.sort(group_max, descending=True)
         bound = tl.max(tl.where(tl.arange(0, GROUPS) == KMAX - 1, ranked, float("-inf")), axis=0)
+    else:
+        better = tl.sum((group_max[None, :] > group_max[:, None]).to(tl.int32), axis=1)
+        # the lowest group max with fewer than KMAX better ones
+        bound = tl.min(tl.where(better < KMAX, group_max, float("inf")), axis=0)
     return (x > float("-inf")) & (x >= bound)
 
 
@@ -163,7 +168,7 @@ def _chunk_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m
     if truncated:
         # exp(-inf) = 0 drops disallowed tokens; the clamp keeps an all-disallowed chunk from -inf - -inf
         tl.store(sum_ptr + slot, tl.sum(tl.exp(x - tl.maximum(best, -3.0e38)), axis=0))
-        floor = _compact(list_ptr + slot * SLOTS, _pack(x, offs), x, _survivors(x, KMAX, GROUPS), SLOTS)
+        floor = _compact(list_ptr + slot * SLOTS, _pack(x, offs), x, _survivors(x, KMAX, GROUPS, True), SLOTS)
         tl.store(floor_ptr + slot, floor)
 
 
@@ -194,7 +199,7 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
                         other=_NONE)
         x, _idx = _unpack(lists)
         x = tl.where(lists != _NONE, x, float("-inf"))
-        floor = _compact(top_ptr + row * SLOTS, lists, x, _survivors(x, KMAX, GROUPS), SLOTS)
+        floor = _compact(top_ptr + row * SLOTS, lists, x, _survivors(x, KMAX, GROUPS, False), SLOTS)
         # the best score of a token missing from top[row], left out by a chunk or here
         floor = tl.maximum(floor, tl.max(tl.load(floor_ptr + slots, mask=in_row, other=float("-inf")), axis=0))
         tl.debug_barrier()
