@@ -113,11 +113,19 @@ def replay_alone(model, lengths, steps=64):
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                        and e.device_time > 0 and "Memcpy" not in e.name and "Memset" not in e.name]
             return dict(replay_ms=ms, kernels=len(kernels) / 8, kernel_ms=sum(e.device_time for e in kernels) / 8e3,
-                        top=_top_kernels(kernels))
+                        top=_top_kernels(kernels), names=_kernel_counts(kernels))
         finally:
             runner.keep_rows([])
             for row in rows:
                 runner.pool.release(row.seq_id)
+
+
+def _kernel_counts(kernels):
+    """Every kernel name launched per replay with its count (the JSON keeps it: how many of each a step runs)."""
+    counts = {}
+    for e in kernels:
+        counts[e.name[:80]] = counts.get(e.name[:80], 0) + 1 / 8
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _top_kernels(kernels, count=6):
@@ -160,6 +168,8 @@ def run_model(bw, out, results, name, batches, systems):
                 m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
             if system == "kernelstack":
                 m["replay"] = replay_alone(model, lengths)
+                if m["replay"]:
+                    print("kernels per replay:", m["replay"]["names"], flush=True)
                 m["report"] = str(ksbackend.explain(model))
                 print(m["report"], flush=True)
             if system in VARIANTS:
@@ -175,7 +185,7 @@ def run_model(bw, out, results, name, batches, systems):
 
 def _summary(m):
     """One line per system, printed as it is measured, so a run cut short still shows what it measured."""
-    flat = dict(m, **{f"replay_{k}": v for k, v in (m.get("replay") or {}).items() if k != "top"})
+    flat = dict(m, **{f"replay_{k}": v for k, v in (m.get("replay") or {}).items() if k not in ("top", "names")})
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()
                      if k not in ("report", "replay"))
 
