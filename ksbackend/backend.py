@@ -98,7 +98,17 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(opts.mode) if opts.mode not in (None, "default") else {}
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        try:
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        except Exception as exc:  # noqa: BLE001  an Inductor limitation must not cost the user the rewrite
+            # The rewritten graph is still correct as plain FX: each kernelstack op runs its own kernel and the rest
+            # runs op by op. Slower, so the report and the log say so (seen: Inductor's CantSplit on a symbolic view
+            # of a fused projection's slice under torch 2.11).
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            log.warning("kernelstack: Inductor failed on graph %d (%s); running it as FX instead", report.index,
+                        reason)
+            report.executor = f"fx (Inductor failed: {reason})"
+            compiled = gm.forward
     # after compiling: AOTAutograd fakifies these very tensors against what Dynamo recorded of them
     report.packed = _pack_weights(gm, example_inputs)
     report.compile_ms = (time.perf_counter() - start) * 1e3

@@ -215,3 +215,24 @@ def test_bench_help_names_only_files_in_the_repo():
     root = pathlib.Path(__file__).resolve().parents[1]
     named = re.findall(r"[\w./-]+\.md", out.stdout)
     assert named and all((root / name).exists() for name in named), named
+
+
+def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeypatch, caplog):
+    """An Inductor error on a rewritten graph (seen on the H100: CantSplit with the fused-kernel passes off) must not
+    reach the user: the graph runs as FX, tokens equal HF's, and the report and the log say why."""
+    import torch._inductor.compile_fx as inductor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CantSplit: 2048 not divisible by 2048*s18")
+
+    monkeypatch.setattr(inductor, "compile_fx", broken)
+    model = build_model(tiny_config("llama"))
+    ids, mask = ragged_batch([5, 8])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with caplog.at_level(logging.WARNING, logger="ksbackend"):
+        out = ksbackend.optimize(copy.deepcopy(model)).generate(ids, attention_mask=mask, max_new_tokens=6,
+                                                                do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    report = str(ksbackend.explain())
+    assert "executor fx (Inductor failed: RuntimeError: CantSplit" in report
+    assert "running it as FX instead" in caplog.text

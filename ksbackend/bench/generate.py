@@ -208,7 +208,7 @@ def tables(bw, out, results):
             if base and base.get("replay"):
                 rp = base["replay"]
                 yield [r["model"], r["scenario"], "kernelstack graph replayed alone", "", f"{rp['replay_ms']:.2f}", "",
-                       f"{decode_bytes_from(r, bw) / (rp['replay_ms'] * 1e-3):.0%}", "", "",
+                       f"{decode_bytes_from(r, bw) / (rp['replay_ms'] * 1e-3) / bw:.0%}", "", "",
                        f"{rp['kernels']:.0f} kernels, {rp['kernel_ms']:.2f} ms summed",
                        f"generate / replay {base['decode_ms'] / rp['replay_ms']:.2f}x"]
 
