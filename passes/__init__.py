@@ -15,10 +15,12 @@ from .rms_norm import RMSNormPass
 from .rope import RopePass
 from .rope_attention import RopeIntoAttentionPass
 from .rope_table import RopeTablePass
+from .sampling import SamplingPass
 
 # Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP, the
 # projections (their outputs are sliced views the earlier patterns need not know about), and last the
-# rotations moved into the paged attention that reads them (the rope pass made them first).
+# rotations moved into the paged attention that reads them (the rope pass made them first); sampling chains
+# (a user's own decode loop) touch none of the above.
 DEFAULT_PASSES: list[GraphPass] = [
     RopeTablePass(),
     RopePass(),
@@ -27,6 +29,7 @@ DEFAULT_PASSES: list[GraphPass] = [
     ActivationMulPass(),
     ProjectionFusionPass(),
     RopeIntoAttentionPass(),
+    SamplingPass(),
 ]
 
 

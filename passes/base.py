@@ -127,7 +127,9 @@ def describe(node: fx.Node) -> str:
     if nn_stack:
         module = list(nn_stack.values())[-1][0]
     module = module.replace("L['self'].", "").replace("L['self']", "model")
-    where = module or (stack.strip().splitlines()[-1].strip() if stack else "")
+    # the last source line of the trace (Python 3.11+ adds a line of ^ / ~ markers under it)
+    code = [line.strip() for line in stack.splitlines() if line.strip() and set(line.strip()) - set("^~")]
+    where = module or (code[-1] if code else "")
     return f"{node.name}" + (f" ({where})" if where else "")
 
 
