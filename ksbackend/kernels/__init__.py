@@ -54,7 +54,7 @@ def register_cuda_kernels():
         ("add_rms_norm", _add_rms_norm, "generated Triton row kernel (residual add fused)"),
         ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
         ("rope", _rope, "Triton kernel (q and k in one launch)"),
-        ("sample", _sample, "Triton sampler (2 launches, no sort: per-chunk shortlists, per-row warpers and draw)"),
+        ("sample", _sample, "Triton sampler (2 launches, no vocabulary sort: per-chunk shortlists, per-row warpers and draw)"),
         ("rope_paged_attention", _rope_paged_attention,
          "Triton RoPE + K/V append (one launch), then the step's FlashInfer attention kernel"),
     ]:

@@ -1,4 +1,4 @@
-"""Sampling in two launches with no sort: the CUDA implementation of ``kernelstack::sample``.
+"""Sampling in two launches with no vocabulary sort: the CUDA implementation of ``kernelstack::sample``.
 
 Launch 1, one program per (chunk of the vocabulary, row), reads its chunk once, applies the penalties, the bitmask
 and the temperature, and keeps only what its row needs:
