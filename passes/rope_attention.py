@@ -10,9 +10,25 @@ import torch
 
 from ksbackend.ops import paged_attention as _paged_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, describe, erase_unused, is_op, kernelstack_op
+from .base import GraphPass, describe, dtype_of, erase_unused, is_op, kernelstack_op
 
 ks = torch.ops.kernelstack
+
+
+def _table_before_cast(table, dtype):
+    """For ``table = unsqueeze(t.to(dtype), d)`` with t fp32 (HF's ``cos.to(x.dtype)`` then its per-layer
+    unsqueeze): the same view of t, which the fused op rounds to q's dtype itself. Inductor realises a cast feeding
+    an opaque op once per consumer, so handing the op the cast cost one copy kernel per layer; the fp32 table is
+    already a buffer. Anything else: None."""
+    if not (is_op(table, "unsqueeze") and is_op(table.args[0], "to")):
+        return None
+    cast = table.args[0]
+    source = cast.args[0]
+    target = cast.kwargs.get("dtype", cast.args[1] if len(cast.args) > 1 else None)
+    if target != dtype or dtype == torch.float32 or len(cast.args) > 2 or set(cast.kwargs) - {"dtype"} \
+            or dtype_of(source) != torch.float32:
+        return None
+    return source, table.args[1:]
 
 
 def _rope_output(node):
@@ -44,11 +60,16 @@ class RopeIntoAttentionPass(GraphPass):
                 result.leave(site, "the rotated q or k is also used outside the attention")
                 continue
             q, k, cos, sin = rope.args
-            with gm.graph.inserting_after(attention):
+            tables = [_table_before_cast(t, dtype_of(q)) for t in (cos, sin)]
+            casts = [cos, sin, cos.args[0], sin.args[0]] if all(tables) else []
+            with gm.graph.inserting_before(attention):  # in creation order, after every input of the attention
+                if all(tables):
+                    cos, sin = (gm.graph.call_method("unsqueeze", (source, *dims)) for source, dims in tables)
                 fused = gm.graph.call_function(ks.rope_paged_attention.default,
                                                (q, k, attention.args[2], cos, sin, *attention.args[3:]))
             fused.meta = dict(attention.meta)
             attention.replace_all_uses_with(fused)
-            erase_unused([attention] + chain + [rope])
-            result.match(f"{site}: rope + K/V append + attention")
+            erase_unused([attention] + chain + [rope] + casts)  # a cast other layers still read stays
+            table = " (the fp32 table, rounded in the op)" if all(tables) else ""
+            result.match(f"{site}: rope + K/V append + attention{table}")
 

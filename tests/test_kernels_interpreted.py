@@ -78,8 +78,10 @@ def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
 
 @pytest.mark.parametrize("hq,hk,d,page", [(4, 2, 16, 4), (3, 1, 24, 8), (8, 8, 64, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_append_kernel_writes_what_rope_then_pool_write_would(hq, hk, d, page, dtype):
-    """The fused kernel against the unfused path: rope's rotation, then KVPool.write into the slots."""
+@pytest.mark.parametrize("fp32_table", [False, True])
+def test_rope_append_kernel_writes_what_rope_then_pool_write_would(hq, hk, d, page, dtype, fp32_table):
+    """The fused kernel against the unfused path: rope's rotation, then KVPool.write into the slots. Given the fp32
+    table, the kernel rounds it to q's dtype as HF's cos.to(x.dtype) does before rope."""
     from ksbackend.kernels.rope_append import rope_append_triton
     from ksbackend.runtime.kv_pool import KVPool
 
@@ -96,7 +98,9 @@ def test_rope_append_kernel_writes_what_rope_then_pool_write_would(hq, hk, d, pa
     slots = torch.randperm(8 * page, device=dev)[:n]
     q_ref, k_ref = torch.ops.kernelstack.rope(q, k, cos, sin)
     pools[0].write(0, k_ref[0].transpose(0, 1), v, slots)
-    q_out, k_out = rope_append_triton(q, k, v, cos, sin, pools[1].caches[0], slots)
+    table = (angle.cos(), angle.sin()) if fp32_table else (cos, sin)
+    q_out, k_out = rope_append_triton(q, k, v, *table, pools[1].caches[0], slots)
+    assert q_out.dtype == k_out.dtype == dtype
     tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], 8 * torch.finfo(dtype).eps))
     torch.testing.assert_close(q_out, q_ref[0].transpose(0, 1), **tol)
     torch.testing.assert_close(k_out, k_ref[0].transpose(0, 1), **tol)

@@ -116,13 +116,14 @@ def test_decode_reference_reads_the_page_table_like_the_prefill_reference(window
     torch.testing.assert_close(decode, paged_attention_reference(q, k, v, 0, 0.3, window_left, pool, csr))
 
 
-def test_rope_paged_attention_is_rope_then_paged_attention():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_paged_attention_is_rope_then_paged_attention(dtype):
+    """Given the fp32 table, the fused op rounds it to q's dtype first, as HF's cos.to(x.dtype) before rope."""
     from ksbackend.runtime.context import ForwardContext, forward_context
 
-    torch.manual_seed(0)
-    pools = [KVPool(1, 2, 8, 64, 4, torch.float32, "cpu") for _ in range(2)]
-    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
-    v = torch.randn(5, 2, 8)
+    pools = [KVPool(1, 2, 8, 64, 4, dtype, "cpu") for _ in range(2)]
+    q, k = torch.randn(1, 4, 5, 8, dtype=dtype), torch.randn(1, 2, 5, 8, dtype=dtype)
+    v = torch.randn(5, 2, 8, dtype=dtype)
     angle = torch.rand(1, 1, 5, 8) * 6.3
     outs = []
     for pool, fused in zip(pools, (False, True)):
@@ -131,7 +132,8 @@ def test_rope_paged_attention_is_rope_then_paged_attention():
             if fused:
                 outs.append(torch.ops.kernelstack.rope_paged_attention(q, k, v, angle.cos(), angle.sin(), 0, 0.3, -1))
             else:
-                q_rot, k_rot = torch.ops.kernelstack.rope(q, k, angle.cos(), angle.sin())
+                q_rot, k_rot = torch.ops.kernelstack.rope(q, k, angle.cos().to(dtype), angle.sin().to(dtype))
                 outs.append(torch.ops.kernelstack.paged_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1),
                                                                   v, 0, 0.3, -1))
+    assert outs[1].dtype == dtype
     assert torch.equal(outs[0], outs[1]) and torch.equal(pools[0].caches[0], pools[1].caches[0])

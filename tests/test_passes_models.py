@@ -135,3 +135,19 @@ def test_unfused_residual_option():
     graph = ksbackend.explain().graphs[0]
     assert "kernelstack::add_rms_norm" not in graph.ops and graph.ops["kernelstack::rms_norm"] == 2 * LAYERS + 1
     assert (out - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_into_attention_hands_the_bf16_model_the_fp32_table(family):
+    """In a bf16 model the fused op reads the fp32 cos/sin table and rounds it itself (a cast fed to an opaque op
+    cost Inductor one copy kernel per layer); tokens equal those of the unfused rope + attention path."""
+    model = build_model(tiny_config(family), dtype=torch.bfloat16)
+    ids, mask = random_prompt(model.config.vocab_size, 3, 9, pad_rows=2)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    fx = {"executor": "fx"}
+    unfused = ksbackend.optimize(copy.deepcopy(model), backend_options=dict(fx, disable_passes=["rope_into_attention"]))
+    reference = unfused.generate(ids, **settings)
+    fused = ksbackend.optimize(copy.deepcopy(model), backend_options=fx)
+    assert torch.equal(fused.generate(ids, **settings), reference)
+    sites = [s for g in ksbackend.explain(fused).graphs for s in g.pass_result("rope_into_attention").matched]
+    assert len(sites) == 2 * LAYERS and all(s.endswith("(the fp32 table, rounded in the op)") for s in sites)

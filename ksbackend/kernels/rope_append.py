@@ -31,10 +31,12 @@ def rope_append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, ca
     t = tl.program_id(0)
     dims = tl.arange(0, BLOCK_D)[None, :]
     dmask = dims < HALF
-    cos1 = tl.load(cos_ptr + t * sct + dims, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * sct + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * sct + dims, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * sct + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+    # the table rounded to q's dtype, as HF's cos.to(x.dtype) rounds it (a no-op when it comes in that dtype)
+    dt = q_ptr.dtype.element_ty
+    cos1 = tl.load(cos_ptr + t * sct + dims, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * sct + HALF + dims, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * sct + dims, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * sct + HALF + dims, mask=dmask, other=0.0).to(dt).to(tl.float32)
 
     qh = tl.arange(0, Q_HEADS)[:, None]
     qmask = (qh < n_q_heads) & dmask
@@ -68,15 +70,15 @@ def rope_append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, ca
 
 def rope_append_triton(q, k, v, cos, sin, cache, slots, k_scale=1.0, v_scale=1.0):
     """q [1, Hq, N, D], k [1, Hk, N, D] (any strides, as the projections leave them); v [N, Hk, D];
-    cos/sin broadcastable to [1, 1, N, D]; cache one layer's [pages, 2, page_size, Hk, D]; slots [N].
-    Writes K/V into ``cache`` and returns rotated (q [N, Hq, D], k [N, Hk, D])."""
+    cos/sin broadcastable to [1, 1, N, D], in q's dtype or fp32 (then rounded to q's dtype in the kernel); cache one
+    layer's [pages, 2, page_size, Hk, D]; slots [N]. Writes K/V into ``cache`` and returns rotated
+    (q [N, Hq, D], k [N, Hk, D]) in q's dtype."""
     _, hq, n, d = q.shape
     hk = k.shape[1]
     if cache.stride(3) != d or cache.stride(4) != 1:
         raise ValueError("rope_append writes a cache laid out [pages, 2, page_size, heads, head_dim], contiguous rows")
-    out_dtype = torch.promote_types(q.dtype, cos.dtype)
-    q_out = torch.empty(n, hq, d, dtype=out_dtype, device=q.device)
-    k_out = torch.empty(n, hk, d, dtype=out_dtype, device=q.device)
+    q_out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(n, hk, d, dtype=q.dtype, device=q.device)
     cos, sin = cos.expand(1, 1, n, d), sin.expand(1, 1, n, d)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -97,7 +99,7 @@ def rope_paged_attention_triton(q, k, v, cos, sin, layer, scale, window_left):
 
     ctx = get_forward_context()
     if ctx.attention is None:
-        q_rot, k_rot = torch.ops.kernelstack.rope(q, k, cos, sin)
+        q_rot, k_rot = torch.ops.kernelstack.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
         return torch.ops.kernelstack.paged_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, layer,
                                                      scale, window_left)
     ctx.attention.attention.check(layer, scale, window_left)

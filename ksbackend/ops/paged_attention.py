@@ -96,11 +96,13 @@ paged_attention.register_autograd(_unreachable_backward, setup_context=_refuse_g
 def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          layer: int, scale: float, window_left: int) -> torch.Tensor:
     """q [1, Hq, N, D] and k [1, Hkv, N, D] before RoPE (the projections' views), v [N, Hkv, D], cos/sin
-    broadcastable to [1, 1, N, D]. Reference: ``rope`` then ``paged_attention``."""
-    q_rot, k_rot = rope_op(q, k, cos, sin)
+    broadcastable to [1, 1, N, D] in q's dtype or fp32: the table is rounded to q's dtype first, as HF's
+    ``cos.to(x.dtype)`` does, so the pass can hand over the fp32 table once instead of a cast copy per layer.
+    Reference: ``rope`` then ``paged_attention``; the result has q's dtype."""
+    q_rot, k_rot = rope_op(q, k, cos.to(q.dtype), sin.to(q.dtype))
     return paged_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, layer, scale, window_left)
 
 
 @rope_paged_attention.register_fake
 def _(q, k, v, cos, sin, layer, scale, window_left):
-    return q.new_empty((q.shape[2], q.shape[1], v.shape[-1]), dtype=torch.promote_types(q.dtype, cos.dtype))
+    return q.new_empty((q.shape[2], q.shape[1], v.shape[-1]))
