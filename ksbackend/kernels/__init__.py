@@ -62,5 +62,6 @@ def register_cuda_kernels():
         ops.register_implementation(name, "cuda", what)
     ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill; paged decode by the kernel the runtime report names)")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
-    ops.register_implementation("rope_cos_sin", "cuda", "torch pointwise ops (fused by Inductor)")
+    ops.register_implementation("rope_cos_sin", "cuda", "torch ops, once per step (opaque to Inductor, "
+                                                         "which would otherwise recompute the table per layer)")
     ops.register_implementation("linear_cat", "cuda", "one cuBLAS GEMM over weights laid out back to back")
