@@ -47,12 +47,19 @@ def _is_scores_transpose(node):
     return is_op(node, "transpose") and dims in ((2, 3), (-2, -1), (-1, -2), (3, 2))
 
 
-def _variant(node, limit=8):
-    """Name what sits between q @ k^T and the softmax, walking back to the matmul (for the report)."""
+def _walk_to_matmul(node, limit=8):
+    """The ops between a softmax's input and the matmul behind it (first tensor argument each step), and whether
+    a matmul was reached at all: a softmax with none behind it (a sampler's, a MoE router's) is not attention."""
     ops = []
     while isinstance(node, torch.fx.Node) and not is_op(node, "matmul") and len(ops) < limit:
         ops.append(op_name(node) or node.op)
         node = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+    return ops, is_op(node, "matmul")
+
+
+def _variant(node):
+    """Name what sits between q @ k^T and the softmax (for the report)."""
+    ops, _ = _walk_to_matmul(node)
     chain = " <- ".join(f"'{o}'" for o in ops)
     return f"logit soft-capping ({chain})" if "tanh" in ops else chain
 
@@ -111,6 +118,8 @@ class AttentionPass(GraphPass):
             chain.append(scores)
         elif is_op(scores, "matmul"):
             qk, scale = scores, 1.0
+        elif not _walk_to_matmul(scores)[1]:
+            return  # no q @ k^T behind this softmax: not attention
         else:
             result.leave(site, f"unknown attention variant: {_variant(scores)} between the scores and the softmax")
             return
