@@ -75,12 +75,14 @@ def _top_p(scores):
     if not (is_op(drop, "le") and isinstance(drop.args[1], float) and is_op(order, "getitem")):
         return None
     cumulative = drop.args[0]
-    if not (is_op(cumulative, "cumsum") and is_op(cumulative.args[0], "softmax")):
+    if not (is_op(cumulative, "cumsum") and is_op(cumulative.args[0], "softmax")
+            and arg(cumulative, 1, "dim", None) in (-1, 1) and arg(cumulative.args[0], 1, "dim", None) in (-1, 1)):
         return None
     ordered = cumulative.args[0].args[0]
     sort = order.args[0]
     if not (is_op(ordered, "getitem") and ordered.args[0] is sort and ordered.args[1] == 0 and order.args[1] == 1
-            and is_op(sort, "sort") and sort.args[0] is x and not arg(sort, 2, "descending", False)):
+            and is_op(sort, "sort") and sort.args[0] is x and arg(sort, 1, "dim", -1) in (-1, 1)
+            and not arg(sort, 2, "descending", False)):
         return None
     keep_last = [u for u in drop.users if is_op(u, "setitem")]
     if len(keep_last) != 1 or keep_last[0].args[1] != (Ellipsis, slice(-1, None, None)) or keep_last[0].args[2]:
