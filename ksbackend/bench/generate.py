@@ -113,26 +113,20 @@ def replay_alone(model, lengths, steps=64):
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                        and e.device_time > 0 and "Memcpy" not in e.name and "Memset" not in e.name]
             return dict(replay_ms=ms, kernels=len(kernels) / 8, kernel_ms=sum(e.device_time for e in kernels) / 8e3,
-                        top=_top_kernels(kernels), names=_kernel_counts(kernels))
+                        names=_by_name(kernels, replays=8))
         finally:
             runner.keep_rows([])
             for row in rows:
                 runner.pool.release(row.seq_id)
 
 
-def _kernel_counts(kernels):
-    """Every kernel name launched per replay with its count (the JSON keeps it: how many of each a step runs)."""
-    counts = {}
+def _by_name(kernels, replays):
+    """Per kernel name: [launches, ms] per replay, most time first (the JSON keeps all of them)."""
+    totals = {}
     for e in kernels:
-        counts[e.name[:80]] = counts.get(e.name[:80], 0) + 1 / 8
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _top_kernels(kernels, count=6):
-    by_name = {}
-    for e in kernels:
-        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / 8e3
-    return sorted(by_name.items(), key=lambda kv: -kv[1])[:count]
+        count, ms = totals.get(e.name[:80], (0.0, 0.0))
+        totals[e.name[:80]] = [count + 1 / replays, ms + e.device_time / 1e3 / replays]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1][1]))
 
 
 def run_model(bw, out, results, name, batches, systems):
@@ -144,6 +138,7 @@ def run_model(bw, out, results, name, batches, systems):
         ragged = batch > 1 and batch == 32
         ids, mask, lengths = scenario_prompts(model, batch, ragged)
         label = f"{batch} / {'ragged 64..1024' if ragged else '128'}"
+        step_bytes = decode_bytes(model, lengths, LONG // 2)
         measured, reference = {}, None
         for system in systems:
             torch.cuda.empty_cache()
@@ -161,7 +156,7 @@ def run_model(bw, out, results, name, batches, systems):
                 ksbackend.restore(model)
                 continue
             m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            m["bw_util"] = decode_bytes(model, lengths, LONG // 2) / (m["decode_ms"] * 1e-3) / bw
+            m["bw_util"] = step_bytes / (m["decode_ms"] * 1e-3) / bw
             if system == "hf-eager":
                 reference = output
             elif reference is not None and system != "kernelstack-sampling":
@@ -177,7 +172,8 @@ def run_model(bw, out, results, name, batches, systems):
                 gc.collect()
             measured[system] = m
             print(f"{name} {label} {system}: {_summary(m)}", flush=True)
-        results.append(dict(model=name, batch=batch, scenario=label, weights_bytes=weights, systems=measured))
+        results.append(dict(model=name, batch=batch, scenario=label, weights_bytes=weights, step_bytes=step_bytes,
+                            systems=measured))
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -185,7 +181,7 @@ def run_model(bw, out, results, name, batches, systems):
 
 def _summary(m):
     """One line per system, printed as it is measured, so a run cut short still shows what it measured."""
-    flat = dict(m, **{f"replay_{k}": v for k, v in (m.get("replay") or {}).items() if k not in ("top", "names")})
+    flat = dict(m, **{f"replay_{k}": v for k, v in (m.get("replay") or {}).items() if k != "names"})
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()
                      if k not in ("report", "replay"))
 
@@ -208,7 +204,7 @@ def tables(bw, out, results):
             if base and base.get("replay"):
                 rp = base["replay"]
                 yield [r["model"], r["scenario"], "kernelstack graph replayed alone", "", f"{rp['replay_ms']:.2f}", "",
-                       f"{decode_bytes_from(r, bw) / (rp['replay_ms'] * 1e-3) / bw:.0%}", "", "",
+                       f"{r['step_bytes'] / (rp['replay_ms'] * 1e-3) / bw:.0%}", "", "",
                        f"{rp['kernels']:.0f} kernels, {rp['kernel_ms']:.2f} ms summed",
                        f"generate / replay {base['decode_ms'] / rp['replay_ms']:.2f}x"]
 
@@ -219,15 +215,9 @@ def tables(bw, out, results):
           main_rows())
     kernel_rows = [[r["model"], r["scenario"], name, f"{ms:.3f}"] for r in results
                    if (r["systems"].get("kernelstack") or {}).get("replay")
-                   for name, ms in r["systems"]["kernelstack"]["replay"]["top"]]
+                   for name, (_, ms) in list(r["systems"]["kernelstack"]["replay"]["names"].items())[:6]]
     table(out, "Where a kernelstack decode replay spends its time (top kernels, ms per step)",
           ["model", "batch / prompts", "kernel", "ms"], kernel_rows)
-
-
-def decode_bytes_from(result, bw):
-    """Bytes per decode step for a result row, from the kernelstack figures (bw_util * time * bw)."""
-    m = result["systems"]["kernelstack"]
-    return m["bw_util"] * m["decode_ms"] * 1e-3 * bw
 
 
 def baseline_check(out, name="llama-3.2-1b"):
