@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..runtime.model_runner import SAMPLER_DTYPES
+
 
 def unpack_bitmask(allowed_bitmask, vocab):
     """[B, ceil(V/32)] int32 words -> [B, V] bool: bit j of word w allows token 32*w + j."""
@@ -92,9 +94,8 @@ def _(logits, temperature, top_k, top_p, min_p, repetition_penalty, frequency_pe
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
-# the value that turns each parameter off, in SamplingParams' field order, and the dtypes that are not float32
+# the value that turns each parameter off, in SamplingParams' field order (dtypes: the runner's SAMPLER_DTYPES)
 _OFF = (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, False)
-_DTYPES = {"top_k": torch.int64, "greedy": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class SamplingParams:
             if len(values) != batch:
                 raise ValueError(f"{f.name}: {len(values)} values for a batch of {batch}")
             values = [off if v is None else v for v in values]
-            columns.append(torch.tensor(values, dtype=_DTYPES.get(f.name, torch.float32), device=device))
+            columns.append(torch.tensor(values, dtype=SAMPLER_DTYPES.get(f.name, torch.float32), device=device))
         return cls(*columns)
 
     def select(self, rows):

@@ -44,7 +44,8 @@ class RowParams:
     greedy: bool = True
 
 
-SAMPLER_DTYPES = {"top_k": torch.int64, "greedy": torch.bool}  # the rest are float32
+# the dtypes of kernelstack::sample's per-row arguments that are not float32 (ops.sampling.SamplingParams uses it too)
+SAMPLER_DTYPES = {"top_k": torch.int64, "greedy": torch.bool}
 
 
 def sampler_columns(params: list[RowParams]) -> dict:
@@ -92,7 +93,6 @@ class DecodeBuffers:
     """The decode batch on the device: ``capacity`` rows of fixed buffers (a graph captures their
     addresses). Rows past the live ones are padding: their page-table row is the scratch page and their
     length stays 0, so they attend to one scratch slot and write only there."""
-
 
     def __init__(self, capacity, width, page_size, scratch_page, device):
         self.capacity, self.width, self.page_size, self.scratch_page = capacity, width, page_size, scratch_page
@@ -410,7 +410,6 @@ class ModelRunner:
             t[:bucket].copy_(saved)
         self.rng[1].copy_(offset)
         self._parked = None
-
 
     def reseed(self, seed: int) -> None:
         """Start the sampler's counter-based random stream at ``seed`` (a generate call draws it from torch's
