@@ -57,9 +57,8 @@ def _walk_to_matmul(node, limit=8):
     return ops, is_op(node, "matmul")
 
 
-def _variant(node):
+def _variant(ops):
     """Name what sits between q @ k^T and the softmax (for the report)."""
-    ops, _ = _walk_to_matmul(node)
     chain = " <- ".join(f"'{o}'" for o in ops)
     return f"logit soft-capping ({chain})" if "tanh" in ops else chain
 
@@ -118,10 +117,10 @@ class AttentionPass(GraphPass):
             chain.append(scores)
         elif is_op(scores, "matmul"):
             qk, scale = scores, 1.0
-        elif not _walk_to_matmul(scores)[1]:
-            return  # no q @ k^T behind this softmax: not attention
         else:
-            result.leave(site, f"unknown attention variant: {_variant(scores)} between the scores and the softmax")
+            ops, reached = _walk_to_matmul(scores)
+            if reached:  # with no q @ k^T behind it, this softmax is not attention: nothing to report
+                result.leave(site, f"unknown attention variant: {_variant(ops)} between the scores and the softmax")
             return
         chain.append(qk)
         if not isinstance(scale, (int, float)):
