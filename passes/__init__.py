@@ -66,4 +66,4 @@ def unregister_pass(name: str) -> None:
 
 __all__ = ["DEFAULT_PASSES", "GraphPass", "FunctionPass", "PassResult", "register_pass", "unregister_pass",
            "run_passes", "as_pass", "AttentionPass", "RMSNormPass", "RopePass", "RopeTablePass", "ActivationMulPass",
-           "ProjectionFusionPass", "RopeIntoAttentionPass"]
+           "ProjectionFusionPass", "RopeIntoAttentionPass", "SamplingPass"]

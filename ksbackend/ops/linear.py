@@ -14,11 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _stackable(tensors) -> bool:
+    """One dtype, one device and equal rows: the tensors can be row blocks of one buffer."""
+    first = tensors[0]
+    return all(t.dtype == first.dtype and t.device == first.device and t.shape[1:] == first.shape[1:]
+               for t in tensors)
+
+
 def adjacent_base(tensors):
     """The one tensor ``tensors`` are consecutive row blocks of (a view of their shared buffer), or None."""
     first = tensors[0]
-    if not all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device and t.dim() == first.dim()
-               and t.shape[1:] == first.shape[1:] for t in tensors):
+    if not (_stackable(tensors) and all(t.is_contiguous() for t in tensors)):
         return None
     storage = first.untyped_storage()
     offset = first.storage_offset()
@@ -35,8 +41,7 @@ def pack_adjacent(tensors) -> bool:
     Returns False (and changes nothing) when they cannot share one buffer."""
     if adjacent_base(tensors) is not None:
         return True
-    first = tensors[0]
-    if any(t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:] for t in tensors):
+    if not _stackable(tensors):
         return False
     with torch.no_grad():
         packed = torch.cat([t.detach() for t in tensors])
