@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from passes.base import example_value
 
+from .models import head_dim
+
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor")
 _NOT_COLLECTIVES = ("wait_tensor",)
 _C10D_FUNCTIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -65,8 +67,8 @@ def local_attention_heads(model) -> tuple[int, int]:
     counts = set()
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            head_dim = getattr(module, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            counts.add((_local_rows(module.q_proj) // head_dim, _local_rows(module.k_proj) // head_dim))
+            size = getattr(module, "head_dim", None) or head_dim(cfg)
+            counts.add((_local_rows(module.q_proj) // size, _local_rows(module.k_proj) // size))
     if not counts:
         return cfg.num_attention_heads, cfg.num_key_value_heads
     if len(counts) > 1:

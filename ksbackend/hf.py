@@ -34,6 +34,7 @@ from .backend import kernelstack_backend, recording_into
 from .compile_cache import CompileCache, progress
 from .config import RuntimeOptions
 from .distributed import agree_on_min, local_attention_heads
+from .models import head_dim
 from .report import Recorder
 from .runtime.kv_pool import FP8_MAX, KVPool, readable_bytes
 from .runtime.model_runner import ModelRunner, RowParams
@@ -395,10 +396,10 @@ class _GrammarConstraint:
 def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     cfg = model.config
     device = next(model.parameters()).device
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_size = head_dim(cfg)
     kv_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8_e4m3" else model.dtype
     q_heads, kv_heads = local_attention_heads(model)  # this rank's share when transformers sharded the model
-    per_token = KVPool.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, kv_dtype)
+    per_token = KVPool.token_bytes(cfg.num_hidden_layers, kv_heads, head_size, kv_dtype)
     if opts.max_kv_tokens:
         tokens = opts.max_kv_tokens
     elif device.type == "cuda":
@@ -406,7 +407,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     else:
         tokens = CPU_INITIAL_KV_TOKENS
     tokens = agree_on_min(tokens, model)  # one pool size on every rank: the same schedule, the same collectives
-    pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, -(-tokens // opts.page_size),
+    pool = KVPool(cfg.num_hidden_layers, kv_heads, head_size, -(-tokens // opts.page_size),
                   opts.page_size, kv_dtype, device, growable=device.type != "cuda" and not opts.max_kv_tokens)
     recorder.event(f"KV pool: {pool.num_pages} pages x {opts.page_size} tokens ({pool.capacity_tokens} tokens, "
                    f"{readable_bytes(per_token * pool.capacity_tokens)}, {kv_dtype}) on {device}"

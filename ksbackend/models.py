@@ -40,6 +40,11 @@ _REAL = {
 REAL_MODELS = tuple(_REAL)
 
 
+def head_dim(config) -> int:
+    """The attention head size: the config's ``head_dim`` where it sets one, else hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def make_config(family: str, **overrides):
     cls = getattr(transformers, _CONFIG_CLASSES[family])
     return cls(**overrides)

@@ -70,10 +70,12 @@ def measure(model, ids, mask, lengths=(SHORT, LONG), **extra):
 
 def decode_bytes(model, lengths, step):
     """Bytes one decode step must read: every weight once, plus the KV of every sequence so far."""
+    from ksbackend.models import head_dim
+    from ksbackend.runtime.kv_pool import KVPool
+
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    per_token = KVPool.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), model.dtype)
     return weights + per_token * sum(n + step for n in lengths)
 
 
