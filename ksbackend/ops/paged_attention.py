@@ -31,10 +31,7 @@ def _window_mask(q_pos, k_pos, kv_lens, window_left):
 def decode_attention_reference(q, layer, scale, window_left, pool, meta: DecodeMetadata):
     """One query per sequence over its pages, read densely through the page table (no host sync)."""
     width = meta.max_pages or meta.page_table.shape[1]
-    chunk = pool.caches[layer][meta.page_table[:, :width].long()]  # [B, W, 2, P, H, D]
-    k, v = (chunk[:, :, i].flatten(1, 2).to(q.dtype) for i in (0, 1))  # [B, W * P, H, D]
-    if pool.fp8:
-        k, v = k * pool.k_scales[layer], v * pool.v_scales[layer]
+    k, v = (t.flatten(1, 2) for t in pool.read_pages(layer, meta.page_table[:, :width], q.dtype))  # [B, W * P, H, D]
     lens = meta.kv_lens.long()[:, None, None, None]
     k_pos = torch.arange(k.shape[1], device=q.device)[None, None, None, :]
     allowed = _window_mask(lens - 1, k_pos, lens, window_left)

@@ -210,11 +210,16 @@ class KVPool:
         cache[pages, 0, offsets] = k.to(self.dtype)
         cache[pages, 1, offsets] = v.to(self.dtype)
 
-    def gather(self, layer: int, pages: torch.Tensor, length: int, dtype):
-        """One sequence's K and V, [length, H, D] each, read from its pages in order (scales applied)."""
+    def read_pages(self, layer: int, pages: torch.Tensor, dtype):
+        """K and V of ``pages`` (an index tensor of any shape S), [*S, page_size, H, D] each, in ``dtype`` with the
+        fp8 scales applied."""
         chunk = self.caches[layer][pages.long()]
-        k = chunk[:, 0].flatten(0, 1)[:length].to(dtype)
-        v = chunk[:, 1].flatten(0, 1)[:length].to(dtype)
+        k, v = chunk.select(-4, 0).to(dtype), chunk.select(-4, 1).to(dtype)
         if self.fp8:
             k, v = k * self.k_scales[layer], v * self.v_scales[layer]
         return k, v
+
+    def gather(self, layer: int, pages: torch.Tensor, length: int, dtype):
+        """One sequence's K and V, [length, H, D] each, read from its pages in order (scales applied)."""
+        k, v = self.read_pages(layer, pages, dtype)
+        return k.flatten(0, 1)[:length], v.flatten(0, 1)[:length]
