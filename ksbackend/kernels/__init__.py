@@ -48,6 +48,13 @@ def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
     return rope_paged_attention_triton(q, k, v, cos, sin, layer, scale, window_left)
 
 
+def _linear_cat(x, weights, biases):
+    from ..ops.linear import packed_weight
+    from .small_m_linear import linear_cuda
+
+    return linear_cuda(x, packed_weight(weights), packed_weight(biases) if biases else None)
+
+
 def register_cuda_kernels():
     for name, fn, what in [
         ("rms_norm", _rms_norm, "generated Triton row kernel"),
@@ -57,6 +64,8 @@ def register_cuda_kernels():
         ("sample", _sample, "Triton sampler (2 launches, no vocabulary sort: per-chunk shortlists, per-row warpers and draw)"),
         ("rope_paged_attention", _rope_paged_attention,
          "Triton RoPE + K/V append (one launch), then the step's FlashInfer attention kernel"),
+        ("linear_cat", _linear_cat, "one GEMM over weights laid out back to back: cuBLAS, or for 1-8 rows a "
+                                    "Triton GEMV where it measured faster at that shape (the runtime log names it)"),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
@@ -64,4 +73,3 @@ def register_cuda_kernels():
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
     ops.register_implementation("rope_cos_sin", "cuda", "torch ops, once per step (opaque to Inductor, "
                                                          "which would otherwise recompute the table per layer)")
-    ops.register_implementation("linear_cat", "cuda", "one cuBLAS GEMM over weights laid out back to back")

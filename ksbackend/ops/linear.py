@@ -52,7 +52,8 @@ def pack_adjacent(tensors) -> bool:
     return True
 
 
-def _weight(tensors):
+def packed_weight(tensors):
+    """The one [sum N_i, K] weight (or bias) of ``tensors``: a view when they are back to back, else a copy."""
     base = adjacent_base(tensors)
     return base if base is not None else torch.cat(tensors)
 
@@ -60,7 +61,7 @@ def _weight(tensors):
 @torch.library.custom_op("kernelstack::linear_cat", mutates_args=())
 def linear_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """x [..., K]; weights [N_i, K]; biases: empty, or one [N_i] per weight. Returns [..., sum N_i]."""
-    return F.linear(x, _weight(weights), _weight(biases) if biases else None)
+    return F.linear(x, packed_weight(weights), packed_weight(biases) if biases else None)
 
 
 @linear_cat.register_fake

@@ -1,0 +1,116 @@
+"""``x @ w.T (+ b)`` for a handful of rows (decode batch 1..8): a Triton GEMV that reads each weight once.
+
+At M = 1 a linear layer is a pure weight stream, and what matters is keeping every SM loading. cuBLAS's
+heuristic sometimes picks split-K for such shapes (Llama-3.2-1B's fused q/k/v, 3072 x 2048, ran at 0.9 TB/s on an
+H100, plus a separate reduce launch), and sometimes runs near the copy bandwidth (its 8192 x 2048 MLP). So
+nothing is assumed: ``choose`` times cuBLAS against a few tile shapes of this kernel the first time a shape is
+seen (never during a CUDA-graph capture: the capture's warm-up calls come first) and keeps the winner, which the
+explain report lists.
+
+One program owns ``BLOCK_N`` output columns for all ``M`` rows and walks K: no split-K, so no partial sums in
+memory and no second launch; a [BLOCK_M, BLOCK_N, BLOCK_K] product summed over K in fp32, as cuBLAS accumulates.
+"""
+
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+from ..report import GLOBAL
+
+MAX_ROWS = 8  # above this a GEMM tile reuses each weight load across rows; cuBLAS is the right tool
+# (BLOCK_N, BLOCK_K, num_warps): narrow tiles give the many programs a weight stream needs on ~132 SMs
+TILES = ((4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
+
+
+@triton.jit
+def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * s_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def small_m_linear_triton(x2d, weight, bias, tile):
+    """x2d [M <= MAX_ROWS, K] with unit column stride; weight [N, K] contiguous; bias [N] or None."""
+    m, k = x2d.shape
+    n = weight.shape[0]
+    block_n, block_k, warps = tile
+    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    small_m_linear_kernel[(triton.cdiv(n, block_n),)](
+        x2d, weight, bias if bias is not None else weight, out, m, n, k, x2d.stride(0), weight.stride(0),
+        out.stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, num_warps=warps)
+    return out
+
+
+def gemv_enabled() -> bool:
+    """``KERNELSTACK_SMALL_M_GEMV=0`` keeps every shape on cuBLAS (the benchmark's ``cublas-gemm`` system)."""
+    return os.environ.get("KERNELSTACK_SMALL_M_GEMV", "1") != "0"
+
+
+class ShapeChoices:
+    """The measured winner per (M, N, K, dtype, bias, device): ``None`` for cuBLAS, else a Triton tile."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.winners = {}  # key -> (tile or None, {candidate: microseconds})
+
+    def choose(self, x2d, weight, bias):
+        m, k = x2d.shape
+        if m > MAX_ROWS or not weight.is_contiguous() or x2d.stride(1) != 1 or not gemv_enabled():
+            return None
+        key = (m, weight.shape[0], k, x2d.dtype, bias is not None, x2d.device.index)
+        with self.lock:
+            if key in self.winners:
+                return self.winners[key][0]
+        if torch.cuda.is_current_stream_capturing():
+            return None  # cannot time inside a capture; the warm-up calls before it normally decide
+        times = {"cublas": _time(lambda: torch.nn.functional.linear(x2d, weight, bias))}
+        for tile in TILES:
+            times[tile] = _time(lambda: small_m_linear_triton(x2d, weight, bias, tile))
+        best = min(times, key=times.get)
+        with self.lock:
+            self.winners[key] = (None if best == "cublas" else best, times)
+        GLOBAL.event(f"linear {self.describe(key)}")
+        return self.winners[key][0]
+
+    def describe(self, key):
+        """The shape, its winner and the winner's time against cuBLAS's."""
+        m, n, k, dtype = key[:4]
+        tile, times = self.winners[key]
+        won = "cuBLAS" if tile is None else f"Triton GEMV tile {tile}"
+        return (f"M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {won}, "
+                f"{times['cublas' if tile is None else tile]:.1f} us (cuBLAS {times['cublas']:.1f} us)")
+
+
+def _time(fn):
+    """Median microseconds per call with the L2 cache flushed before each (a decode step streams every other
+    weight between two calls of one shape, so a weight never comes from L2; back to back, a 12 MB one would)."""
+    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median") * 1e3
+
+
+SHAPE_CHOICES = ShapeChoices()
+
+
+def linear_cuda(x, weight, bias):
+    """``F.linear`` with the measured-fastest kernel for this shape."""
+    x2d = x.reshape(-1, x.shape[-1])
+    tile = SHAPE_CHOICES.choose(x2d, weight, bias)
+    if tile is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return small_m_linear_triton(x2d, weight, bias, tile).view(*x.shape[:-1], weight.shape[0])
