@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 
 INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa")  # see runtime/flashinfer_attention.py
+DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa", "triton")  # see runtime/flashinfer_attention.py
 
 
 class OptionError(ValueError):

@@ -47,7 +47,7 @@ def run_steps(pool, attention, hq, steps, seed=0):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("decode_kernel", ["tensor_cores", "cuda_cores", "xqa"])
+@pytest.mark.parametrize("decode_kernel", ["tensor_cores", "cuda_cores", "xqa", "triton"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_flashinfer_paths_match_reference(head_dim, decode_kernel, kv_dtype):
     from ksbackend.runtime.flashinfer_attention import FlashInferAttention
@@ -97,13 +97,15 @@ def generate_through_kernelstack(model, ids, mask, new_tokens, **options):
     return reference, optimized.generate(ids, **kwargs), optimized
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_generate_bf16_agrees_with_hf_eager_on_copy_task(family, kv_cache_dtype):
+@pytest.mark.parametrize("family, kv_cache_dtype, decode_kernel", [
+    ("llama", "auto", "auto"), ("llama", "fp8_e4m3", "auto"), ("qwen3", "auto", "auto"), ("qwen3", "fp8_e4m3", "auto"),
+    ("llama", "auto", "triton"), ("qwen3", "fp8_e4m3", "triton")])
+def test_generate_bf16_agrees_with_hf_eager_on_copy_task(family, kv_cache_dtype, decode_kernel):
     """A model fitted to a copy task has a trained model's margins: there, greedy bf16 generate must match
     HF eager token for token on >= 90% of 32 prompts over 64 tokens, none diverging before token 8."""
     model, ids, mask = copy_task(family)
-    reference, out, optimized = generate_through_kernelstack(model, ids, mask, 64, kv_cache_dtype=kv_cache_dtype)
+    reference, out, optimized = generate_through_kernelstack(model, ids, mask, 64, kv_cache_dtype=kv_cache_dtype,
+                                                             decode_kernel=decode_kernel)
     firsts = [f for f in first_divergences(reference, out, ids.shape[1]) if f is not None]
     rate = agreement_rate(reference, out, ids.shape[1])
     print(f"{family}, KV {kv_cache_dtype}: greedy agreement {rate:.0%}, first divergences at {sorted(firsts)}")
@@ -127,7 +129,8 @@ def test_generate_bf16_diverges_from_hf_only_at_near_ties(family):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("kv_cache_dtype, decode_kernel", [("auto", "tensor_cores"), ("auto", "xqa"),
-                                                          ("fp8_e4m3", "xqa"), ("fp8_e4m3", "cuda_cores")])
+                                                          ("fp8_e4m3", "xqa"), ("fp8_e4m3", "cuda_cores"),
+                                                          ("auto", "triton"), ("fp8_e4m3", "triton")])
 def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel, do_sample):
     model, ids, mask = copy_task("llama", prompts=5)
     graphs = copy.deepcopy(model)

@@ -118,3 +118,76 @@ def test_generated_kernels_are_cached_by_chain_structure():
     grid, block, warps = llama.launch_shape(4096, 4096 * 8)
     assert grid == (8,) and block == 4096 and warps == 16
     assert llama.launch_shape(2048, 2048)[1:] == (2048, 8)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 19, 37), (3, 40, 300), (8, 5, 1030)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bias):
+    """Every tile the shape choice may pick, at shapes no tile divides, against F.linear (fp32 accumulation both)."""
+    from ksbackend.kernels.small_m_linear import TILES, small_m_linear_triton
+
+    dev = device_for_test()
+    x, w = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev) / k**0.5
+    b = torch.randn(n, dtype=dtype, device=dev) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    for tile in TILES:
+        torch.testing.assert_close(small_m_linear_triton(x, w, b, tile), ref, **TOL[dtype])
+
+
+@pytest.mark.cuda
+def test_on_cuda_linear_cat_times_each_shape_once_and_keeps_the_winner():
+    from ksbackend.kernels.small_m_linear import SHAPE_CHOICES
+    from ksbackend.report import GLOBAL
+
+    x = torch.randn(1, 1, 2048, dtype=torch.bfloat16, device="cuda")
+    weights = [torch.randn(n, 2048, dtype=torch.bfloat16, device="cuda") / 45 for n in (2048, 512, 512)]
+    ref = torch.nn.functional.linear(x.float(), torch.cat(weights).float()).bfloat16()
+    out = torch.ops.kernelstack.linear_cat(x, weights, [])
+    torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+    key = (1, 3072, 2048, torch.bfloat16, False, x.device.index)
+    assert key in SHAPE_CHOICES.winners and "cublas" in SHAPE_CHOICES.winners[key][1]
+    assert any("M=1 N=3072 K=2048" in e for e in GLOBAL.snapshot().events)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the decided shape captures without timing anything
+        captured = torch.ops.kernelstack.linear_cat(x, weights, [])
+    x.normal_()
+    graph.replay()
+    torch.testing.assert_close(captured, torch.nn.functional.linear(x.float(), torch.cat(weights).float()).bfloat16(),
+                               **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("hq,hk,d,page", [(4, 1, 16, 4), (6, 2, 32, 8), (8, 8, 64, 16)])
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+@pytest.mark.parametrize("window_left", [-1, 5])
+def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_dtype, window_left):
+    """Ragged lengths (1, a page boundary, long ones split and merged in the kernel), shuffled pages, a sliding
+    window, fp8 K/V with scales; called twice, so the merge counters must have reset themselves."""
+    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace, decode_attention_triton
+    from ksbackend.ops.paged_attention import decode_attention_reference
+    from ksbackend.runtime.kv_pool import KVPool
+    from ksbackend.runtime.metadata import DecodeMetadata
+
+    dev = device_for_test()
+    dtype = torch.bfloat16
+    lens = torch.tensor([1, page, 3 * page + 1, 37], dtype=torch.int32, device=dev)
+    width = -(-int(lens.max()) // page) + 1
+    pool = KVPool(1, hk, d, 4 * width, page, torch.float8_e4m3fn if kv_dtype == "fp8" else dtype, dev)
+    pool.caches[0].copy_(torch.randn(pool.caches[0].shape, device=dev).to(pool.caches[0].dtype))
+    if kv_dtype == "fp8":
+        pool.k_scales[0], pool.v_scales[0] = 0.5, 2.0
+    table = torch.randperm(4 * width, device=dev)[:4 * width].view(4, width).to(torch.int32)
+    meta = DecodeMetadata(slots=torch.zeros(4, dtype=torch.int64, device=dev), kv_lens=lens, page_table=table,
+                          page_size=page)
+    workspace = TritonDecodeWorkspace(8, hq, hk, d, dev)
+    for splits, min_chunk in [(1, 256), (4, 16), (4, 16)]:
+        q = torch.randn(4, hq, d, dtype=dtype, device=dev)
+        workspace.part_ml.fill_(float("nan"))
+        ref = decode_attention_reference(q, 0, d**-0.5, window_left, pool, meta)
+        out = decode_attention_triton(q, pool.caches[0], table, lens, d**-0.5, window_left, workspace,
+                                      pool.k_scales[0], pool.v_scales[0], splits=splits, min_chunk=min_chunk,
+                                      block_n=16)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+        assert int(workspace.counts.abs().sum()) == 0
+    if window_left < 0:  # (a 6-token window never splits)
+        assert not workspace.part_ml.isnan().all()  # the long rows were split and merged, not one program each

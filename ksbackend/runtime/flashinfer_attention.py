@@ -11,6 +11,8 @@ forward context carries, made before the step runs:
   Hopper's fp8 tensor cores (Q and P rounded to e4m3 too). The "auto" choice on Hopper.
   ``tensor_cores`` (FlashInfer's prefill-style decode, any GQA group) and ``cuda_cores`` (group sizes
   1, 2, 3, 4, 8): planned on the host before every step, from CSR page lists.
+  ``triton`` (kernelstack's own, kernels/decode_attention.py): plan-free like XQA, one launch, split-KV merged
+  in the kernel; built for the latency of small batches over short contexts.
 Every kernel writes K/V through the pool (``KVPool.write``: the pool owns the layout and fp8 scales).
 """
 
@@ -54,6 +56,7 @@ class FlashInferAttention:
         # fa3 paged prefill fails with bf16 q over fp8 KV in 0.5.3: fa2 there.
         self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                      backend="fa2" if pool.fp8 else "auto")
+        self._triton_workspaces = []
         self.decode_kernel = self._resolve_decode_kernel(decode_kernel)
 
     def _resolve_decode_kernel(self, name):
@@ -87,7 +90,7 @@ class FlashInferAttention:
 
     @property
     def decode_needs_plan(self) -> bool:
-        return self.decode_kernel != "xqa"
+        return self.decode_kernel not in ("xqa", "triton")
 
     def check(self, layer, scale, window_left):
         if abs(scale - self.sm_scale) > 1e-6 * self.sm_scale or window_left != self.window_left:
@@ -115,7 +118,21 @@ class FlashInferAttention:
     # -- decode ---------------------------------------------------------------------------------------
     def new_decode(self, bucket=None):
         """The step attention of one decode batch; ``bucket`` fixes its batch size and plan buffers (CUDA graph)."""
+        if self.decode_kernel == "triton":
+            return TritonDecode(self)
         return XQADecode(self) if self.decode_kernel == "xqa" else PlannedDecode(self, bucket)
+
+    def triton_workspace(self, batch):
+        """Split partials and merge counters for ``batch`` sequences. A larger batch gets a larger workspace and
+        the smaller ones stay alive: graphs captured earlier keep pointing at theirs."""
+        from ..kernels.decode_attention import TritonDecodeWorkspace
+
+        if not self._triton_workspaces or self._triton_workspaces[-1].max_batch < batch:
+            pool = self.pool
+            size = max(batch, 2 * self._triton_workspaces[-1].max_batch if self._triton_workspaces else 8)
+            self._triton_workspaces.append(
+                TritonDecodeWorkspace(size, self.num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.device))
+        return self._triton_workspaces[-1]
 
     def _xqa(self, q, layer, table, kv_lens):
         pool = self.pool
@@ -165,6 +182,24 @@ class XQADecode(StepAttention):
 
     def attend(self, q, k, v, layer, meta):
         return self.attention._xqa(q.contiguous(), layer, meta.page_table, meta.kv_lens)
+
+
+class TritonDecode(StepAttention):
+    """kernelstack's Triton decode kernel: like XQA it reads the device page table and lengths, no plan."""
+
+    def __init__(self, attention):
+        self.attention = attention
+
+    def plan(self, page_table_host, kv_lens_host):
+        """Nothing to plan: the kernel reads everything from the device."""
+
+    def attend(self, q, k, v, layer, meta):
+        from ..kernels.decode_attention import decode_attention_triton
+
+        a, pool = self.attention, self.attention.pool
+        return decode_attention_triton(q, pool.caches[layer], meta.page_table, meta.kv_lens, a.sm_scale,
+                                       a.window_left, a.triton_workspace(q.shape[0]), pool.k_scales[layer],
+                                       pool.v_scales[layer])
 
 
 class PlannedDecode(StepAttention):
