@@ -104,22 +104,24 @@ def fp8(bw, out):
 
 
 def choice(bw, out):
-    """Tensor-core decode vs XQA at the benchmark models' decode shapes: the table ``auto`` follows."""
+    """FlashInfer's tensor-core decode, XQA and kernelstack's Triton kernel at the benchmark models' decode shapes:
+    the table ``auto`` follows."""
     shapes = [(32, 8, 64, "Llama-3.2-1B"), (32, 8, 128, "Llama-3.1-8B"), (28, 4, 128, "Qwen2.5-7B"), (9, 3, 64, "135M")]
+    kernels = {"tensor cores": "tensor_cores", "XQA": "xqa", "Triton": "triton"}
 
     def rows():
         for hq, hkv, d, name in shapes:
-            for batch in (1, 8, 32, 64):
+            for batch in (1, 4, 8, 32, 64):
                 for context in (128, 1024, 4096):
                     lens = [context] * batch
-                    t_tc = decode_us(lens, hq, hkv, d, torch.bfloat16, "tensor_cores")[0]
-                    t_xqa = decode_us(lens, hq, hkv, d, torch.bfloat16, "xqa")[0]
+                    times = {label: decode_us(lens, hq, hkv, d, torch.bfloat16, kernel)[0]
+                             for label, kernel in kernels.items()}
                     floor = batch * context * hkv * d * 4 / bw * 1e6
-                    yield [name, f"{hq}/{hkv}/{d}", batch, context, f"{t_tc:.1f}", f"{t_xqa:.1f}", f"{floor:.1f}",
-                           "xqa" if t_xqa <= t_tc else "tensor cores"]
+                    yield [name, f"{hq}/{hkv}/{d}", batch, context, *(f"{t:.1f}" for t in times.values()),
+                           f"{floor:.1f}", min(times, key=times.get)]
 
     table(out, "Decode kernel by shape (bf16 KV, one layer, microseconds)",
-          ["model", "q/kv heads/head dim", "batch", "context", "tensor cores", "XQA", "HBM floor", "faster"], rows())
+          ["model", "q/kv heads/head dim", "batch", "context", *kernels, "HBM floor", "fastest"], rows())
 
 
 def run(bw, out):

@@ -18,12 +18,14 @@ from .common import table, wall
 
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
 SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "kernelstack-sampling", "no-graphs", "no-fused-kernels",
-           "no-flashinfer")
+           "no-flashinfer", "triton-decode", "xqa-decode", "cublas-gemm")
 SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 VARIANTS = {"kernelstack": {}, "kernelstack-sampling": {}, "no-graphs": {"cuda_graphs": False},
             "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
                                                                         "act_and_mul"]}},
-            "no-flashinfer": {"attention": "reference"}}
+            "no-flashinfer": {"attention": "reference"}, "triton-decode": {"decode_kernel": "triton"},
+            "xqa-decode": {"decode_kernel": "xqa"}, "cublas-gemm": {}}
+REPLAYED = ("kernelstack", "triton-decode", "xqa-decode", "cublas-gemm")  # systems whose decode graph is profiled
 
 
 def load(name):
@@ -148,6 +150,8 @@ def run_model(bw, out, results, name, batches, systems):
             extra = dict(cache_implementation="static") if system == "hf-static" else {}
             if system == "kernelstack-sampling":
                 extra = SAMPLING
+            if system == "cublas-gemm":  # every GEMM on cuBLAS: the small-M Triton GEMV's share of the step
+                os.environ["KERNELSTACK_SMALL_M_GEMV"] = "0"
             if system in VARIANTS:
                 ksbackend.optimize(model, **VARIANTS[system])
             try:
@@ -163,14 +167,16 @@ def run_model(bw, out, results, name, batches, systems):
                 reference = output
             elif reference is not None and system != "kernelstack-sampling":
                 m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
-            if system == "kernelstack":
+            if system in REPLAYED:
                 m["replay"] = replay_alone(model, lengths)
                 if m["replay"]:
-                    print("kernels per replay:", m["replay"]["names"], flush=True)
+                    print(f"{system} kernels per replay:", m["replay"]["names"], flush=True)
+            if system == "kernelstack":
                 m["report"] = str(ksbackend.explain(model))
                 print(m["report"], flush=True)
             if system in VARIANTS:
                 ksbackend.restore(model)
+                os.environ.pop("KERNELSTACK_SMALL_M_GEMV", None)
                 gc.collect()
             measured[system] = m
             print(f"{name} {label} {system}: {_summary(m)}", flush=True)
