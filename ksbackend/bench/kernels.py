@@ -1,5 +1,5 @@
 """The generated and hand-written Triton kernels against eager, torch.compile and FlashInfer: fused
-add+RMSNorm, RoPE on q and k, SiLU*mul, and the fused sampler."""
+add+RMSNorm, RoPE on q and k, SiLU*mul, the fused sampler, and the small-M GEMV against cuBLAS."""
 
 import torch
 
@@ -124,8 +124,42 @@ def sampler(bw, out):
            "vs HF", "vs flashinfer"], rows())
 
 
+# (model, projection, N, K) at the decode shapes of the benchmark models: the fused ones go through linear_cat
+PROJECTIONS = [("Llama-3.2-1B", "qkv", 3072, 2048), ("Llama-3.2-1B", "gate_up", 16384, 2048),
+               ("Llama-3.2-1B", "o", 2048, 2048), ("Llama-3.2-1B", "down", 2048, 8192),
+               ("Llama-3.1-8B / Mistral-7B", "qkv", 6144, 4096), ("Llama-3.1-8B / Mistral-7B", "gate_up", 28672, 4096),
+               ("Qwen2.5-7B", "qkv (bias)", 4608, 3584), ("Qwen2.5-7B", "gate_up", 37888, 3584),
+               ("135M", "qkv", 960, 576), ("135M", "gate_up", 3072, 576)]
+
+
+def small_m_gemm(bw, out):
+    """cuBLAS against the Triton GEMV tiles at decode shapes, L2 flushed before each call (as in a decode step):
+    the measurement ``linear_cat`` repeats per shape to pick its kernel."""
+    from ksbackend.kernels.small_m_linear import candidate_names, run_candidate, time_us
+
+    def rows():
+        for model, proj, n, k in PROJECTIONS:
+            weight = torch.randn(n, k, **BF16) / k**0.5
+            bias = torch.randn(n, **BF16) if "bias" in proj else None
+            for m in (1, 4, 8):
+                x = torch.randn(m, k, **BF16)
+                times = {name: time_us(lambda: run_candidate(name, x, weight, bias)) for name in candidate_names(m)}
+                best = min(times, key=times.get)
+                triton_best = min((t for name, t in times.items() if name.startswith("Triton")))
+                floor = n * k * 2 / bw * 1e6
+                yield [model, proj, f"{m} x {n} x {k}", f"{times['cuBLAS']:.1f}", f"{times.get('cuBLAS mv', 0):.1f}",
+                       f"{triton_best:.1f}", f"{floor:.1f}", best, f"{floor / times[best]:.0%}",
+                       f"{times['cuBLAS'] / times[best]:.2f}x"]
+            del weight
+
+    table(out, "Small-M projections: cuBLAS against the Triton GEMV (bf16, L2 flushed), microseconds",
+          ["model", "projection", "M x N x K", "cuBLAS", "cuBLAS mv (M=1)", "best Triton tile", "weight-read floor",
+           "winner", "winner BW util", "winner vs cuBLAS"], rows())
+
+
 def run(bw, out):
     add_rms_norm(bw, out)
     rope(bw, out)
     silu_and_mul(bw, out)
     sampler(bw, out)
+    small_m_gemm(bw, out)

@@ -3,8 +3,8 @@
 At M = 1 a linear layer is a pure weight stream, and what matters is keeping every SM loading. cuBLAS's
 heuristic sometimes picks split-K for such shapes (Llama-3.2-1B's fused q/k/v, 3072 x 2048, ran at 0.9 TB/s on an
 H100, plus a separate reduce launch), and sometimes runs near the copy bandwidth (its 8192 x 2048 MLP). So
-nothing is assumed: ``choose`` times cuBLAS against a few tile shapes of this kernel the first time a shape is
-seen (never during a CUDA-graph capture: the capture's warm-up calls come first) and keeps the winner, which the
+nothing is assumed: ``choose`` times cuBLAS (and at one row its matrix-vector routine) against a few tile shapes of
+this kernel the first time a shape is seen (never during a CUDA-graph capture: the capture's warm-up calls come first) and keeps the winner, which the
 explain report lists.
 
 One program owns ``BLOCK_N`` output columns for all ``M`` rows and walks K: no split-K, so no partial sums in
@@ -23,6 +23,7 @@ from ..report import GLOBAL
 MAX_ROWS = 8  # above this a GEMM tile reuses each weight load across rows; cuBLAS is the right tool
 # (BLOCK_N, BLOCK_K, num_warps): narrow tiles give the many programs a weight stream needs on ~132 SMs
 TILES = ((4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
+TILE_BY_NAME = {f"Triton {n}x{k}/{w}": (n, k, w) for n, k, w in TILES}
 
 
 @triton.jit
@@ -63,42 +64,53 @@ def gemv_enabled() -> bool:
     return os.environ.get("KERNELSTACK_SMALL_M_GEMV", "1") != "0"
 
 
+def candidate_names(m):
+    """What ``choose`` times for ``m`` rows: cuBLAS's GEMM, its matrix-vector routine at one row (a different
+    kernel family from the one its GEMM heuristic picks), and each Triton tile."""
+    return ["cuBLAS"] + (["cuBLAS mv"] if m == 1 else []) + list(TILE_BY_NAME)
+
+
+def run_candidate(name, x2d, weight, bias):
+    """x2d @ weight.T (+ bias) as [M, N] by the candidate ``name``."""
+    if name == "cuBLAS":
+        return torch.nn.functional.linear(x2d, weight, bias)
+    if name == "cuBLAS mv":
+        return (torch.mv(weight, x2d[0]) if bias is None else torch.addmv(bias, weight, x2d[0])).unsqueeze(0)
+    return small_m_linear_triton(x2d, weight, bias, TILE_BY_NAME[name])
+
+
 class ShapeChoices:
-    """The measured winner per (M, N, K, dtype, bias, device): ``None`` for cuBLAS, else a Triton tile."""
+    """The measured winner per (M, N, K, dtype, bias, device), by candidate name."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.winners = {}  # key -> (tile or None, {candidate: microseconds})
+        self.winners = {}  # key -> (name, {candidate: microseconds})
 
     def choose(self, x2d, weight, bias):
         m, k = x2d.shape
         if m > MAX_ROWS or not weight.is_contiguous() or x2d.stride(1) != 1 or not gemv_enabled():
-            return None
+            return "cuBLAS"
         key = (m, weight.shape[0], k, x2d.dtype, bias is not None, x2d.device.index)
         with self.lock:
             if key in self.winners:
                 return self.winners[key][0]
         if torch.cuda.is_current_stream_capturing():
-            return None  # cannot time inside a capture; the warm-up calls before it normally decide
-        times = {"cublas": _time(lambda: torch.nn.functional.linear(x2d, weight, bias))}
-        for tile in TILES:
-            times[tile] = _time(lambda: small_m_linear_triton(x2d, weight, bias, tile))
-        best = min(times, key=times.get)
+            return "cuBLAS"  # cannot time inside a capture; the warm-up calls before it normally decide
+        times = {name: time_us(lambda: run_candidate(name, x2d, weight, bias)) for name in candidate_names(m)}
         with self.lock:
-            self.winners[key] = (None if best == "cublas" else best, times)
+            self.winners[key] = (min(times, key=times.get), times)
         GLOBAL.event(f"linear {self.describe(key)}")
         return self.winners[key][0]
 
     def describe(self, key):
         """The shape, its winner and the winner's time against cuBLAS's."""
         m, n, k, dtype = key[:4]
-        tile, times = self.winners[key]
-        won = "cuBLAS" if tile is None else f"Triton GEMV tile {tile}"
-        return (f"M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {won}, "
-                f"{times['cublas' if tile is None else tile]:.1f} us (cuBLAS {times['cublas']:.1f} us)")
+        name, times = self.winners[key]
+        return (f"M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {name}, {times[name]:.1f} us "
+                f"(cuBLAS {times['cuBLAS']:.1f} us)")
 
 
-def _time(fn):
+def time_us(fn):
     """Median microseconds per call with the L2 cache flushed before each (a decode step streams every other
     weight between two calls of one shape, so a weight never comes from L2; back to back, a 12 MB one would)."""
     return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median") * 1e3
@@ -110,7 +122,7 @@ SHAPE_CHOICES = ShapeChoices()
 def linear_cuda(x, weight, bias):
     """``F.linear`` with the measured-fastest kernel for this shape."""
     x2d = x.reshape(-1, x.shape[-1])
-    tile = SHAPE_CHOICES.choose(x2d, weight, bias)
-    if tile is None:
+    name = SHAPE_CHOICES.choose(x2d, weight, bias)
+    if name == "cuBLAS":
         return torch.nn.functional.linear(x, weight, bias)
-    return small_m_linear_triton(x2d, weight, bias, tile).view(*x.shape[:-1], weight.shape[0])
+    return run_candidate(name, x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
