@@ -8,11 +8,12 @@ forward context carries, made before the step runs:
   ``xqa`` (TensorRT-LLM's XQA, shipped in FlashInfer; Hopper): takes the dense page table and lengths
   straight from the device, so it needs no host plan: a captured decode step advances its own metadata
   and the host never has to wait for the GPU before the next step. On fp8 KV it multiplies e4m3 on
-  Hopper's fp8 tensor cores (Q and P rounded to e4m3 too). The "auto" choice on Hopper.
+  Hopper's fp8 tensor cores (Q and P rounded to e4m3 too). The "auto" choice on Hopper for head size 128+.
   ``tensor_cores`` (FlashInfer's prefill-style decode, any GQA group) and ``cuda_cores`` (group sizes
   1, 2, 3, 4, 8): planned on the host before every step, from CSR page lists.
   ``triton`` (kernelstack's own, kernels/decode_attention.py): plan-free like XQA, one launch, split-KV merged
-  in the kernel; built for the latency of small batches over short contexts.
+  in the kernel; built for the latency of small batches over short contexts. The "auto" choice on Hopper for
+  head size 64.
 Every kernel writes K/V through the pool (``KVPool.write``: the pool owns the layout and fp8 scales).
 """
 
@@ -29,6 +30,9 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 8)
 XQA_PAGE_SIZES = (16, 32, 64, 128)
+# On an H100 the Triton kernel was the fastest or within ~1.5 us of it at every head-size-64 shape measured (batch
+# 1-64, context 128-4096); at head size 128 FlashInfer's kernels win the long contexts of large batches.
+TRITON_AUTO_MAX_HEAD_DIM = 64
 WORKSPACE_BYTES = 256 * 2**20  # FlashInfer's split-k scratch
 XQA_WORKSPACE_BYTES = 64 * 2**20  # XQA's semaphores (must start zeroed: XQA resets them itself) + scratch
 
@@ -65,7 +69,9 @@ class FlashInferAttention:
         group = self.num_qo_heads // self.pool.num_kv_heads
         hopper = torch.cuda.get_device_capability(self.pool.device)[0] == 9
         xqa_ok = hopper and self.pool.page_size in XQA_PAGE_SIZES
-        if name == "auto":
+        if name == "auto":  # the measured table in docs/benchmarks.md ("Decode kernel by shape")
+            if hopper and self.pool.head_dim <= TRITON_AUTO_MAX_HEAD_DIM:
+                return "triton"
             return "xqa" if xqa_ok and self._xqa_runs() else "tensor_cores"
         if name == "cuda_cores" and group not in CUDA_CORE_GROUP_SIZES:
             raise UnsupportedAttention(f"decode_kernel='cuda_cores' takes GQA group sizes {CUDA_CORE_GROUP_SIZES}, "
