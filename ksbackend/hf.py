@@ -8,6 +8,9 @@ Face's generate semantics; the model runner and the decode loop live in ``runtim
   logits processors and stopping criteria transformers itself would build;
 - each row becomes one sequence of real tokens (left padding dropped); rows stop at eos or their length
   limit, and finished rows are padded with HF's pad token, exactly as HF returns them;
+- with ``return_dict_in_generate`` and ``output_scores`` / ``output_logits``, the rows run as one batch until all are
+  done, finished rows on the pad token as in HF's loop; each step's raw logits are kept on the device, and the
+  scores are HF's own logits processors applied to them at the end, over the ids HF's loop held at that step;
 - anything the fast path does not implement goes to HF's own ``generate``, with a warning and the reason
   in the explain report.
 The runner is built on first use, so ``copy.deepcopy`` of an optimized model gives a model with its own
@@ -50,8 +53,8 @@ RESERVE_TOKENS = 256  # pages are reserved this many tokens ahead, so the decode
 FP8_CALIBRATION = (2, 256)  # sequences x tokens of the fixed probe that sets the fp8 KV scales
 FP8_HEADROOM = 4.0  # scale = probe's |max| * headroom / FP8_MAX: e4m3 is floating point, range costs little precision
 
-# Outputs the fast path does not produce (return_dict_in_generate alone gives ``sequences``).
-_OUTPUT_SETTINGS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+# Outputs the fast path does not produce (it gives ``sequences``, ``scores`` and ``logits``).
+_OUTPUT_SETTINGS = ("output_attentions", "output_hidden_states")
 # generate() arguments only Hugging Face's own loop serves.
 _HF_ONLY_ARGUMENTS = ("prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
                       "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
@@ -163,15 +166,18 @@ class KernelstackGenerate:
         return stack
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Drop-in for ``model.generate``: returns the same [B, prompt + new] token ids as HF."""
+        """Drop-in for ``model.generate``: returns the same [B, prompt + new] token ids as HF (in HF's
+        ``GenerateDecoderOnlyOutput``, with its scores and logits, under ``return_dict_in_generate``)."""
         resolved = self._resolve(inputs, generation_config, dict(kwargs))
-        if isinstance(resolved, list):
-            message = f"kernelstack generate does not implement {', '.join(resolved)}: using Hugging Face's generate"
-            warnings.warn(message, stacklevel=2)
-            self.recorder.event(message, logging.WARNING)
-            return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
-        with self._lock, torch.inference_mode(), recording_into(self.recorder):
-            return self._generate(resolved)
+        if not isinstance(resolved, list):
+            with self._lock, torch.inference_mode(), recording_into(self.recorder):
+                resolved = self._generate(resolved)
+            if not isinstance(resolved, list):
+                return resolved
+        message = f"kernelstack generate does not implement {', '.join(resolved)}: using Hugging Face's generate"
+        warnings.warn(message, stacklevel=2)
+        self.recorder.event(message, logging.WARNING)
+        return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
 
     def score(self, prompts, targets):
         """Teacher-forced next-token log-probs along ``targets`` (see ``ModelRunner.score``)."""
@@ -228,13 +234,18 @@ class KernelstackGenerate:
         reasons += unsupported + [f"logits processor {type(p).__name__}" for p in others]
         criteria = [c for c in model._get_stopping_criteria(gen, user_criteria, tokenizer=tokenizer)
                     if not isinstance(c, _FAST_CRITERIA)]
+        if _keeps_steps(gen) and grammar:
+            reasons.append("output_scores/output_logits with a grammar (its processor's state cannot be replayed)")
+        if _keeps_steps(gen) and criteria and batch * copies > 1:
+            reasons.append("output_scores/output_logits with stopping criteria beyond eos and length on several rows")
         if reasons:
             return reasons
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("a prompt has no tokens (its attention_mask is all zeros)")
-        return _Call(input_ids, attention_mask, gen, copies, settings, criteria, grammar, streamer)
+        return _Call(input_ids, attention_mask, gen, copies, settings, processors, criteria, grammar, streamer)
 
     def _generate(self, call: "_Call"):
+        """Run a resolved call; returns HF's output, or the reasons this call must go to HF after all."""
         input_ids, gen = call.input_ids, call.gen
         batch, width = input_ids.shape
         eos = set(gen._eos_token_tensor.tolist()) if gen._eos_token_tensor is not None else set()
@@ -250,13 +261,17 @@ class KernelstackGenerate:
                                     min_new_tokens=call.settings.min_new_tokens,
                                     fork_of=leader, constraint=call.grammar(i) if call.grammar else None))
             requests[-1].accept = _acceptor(requests[-1], row, eos, call.criteria, call.streamer)
+        runner, scheduler = self.runtime
+        recorded = [] if _keeps_steps(gen) else None
+        apart = recorded is not None and scheduler.why_not_together(requests)
+        if apart:
+            return [f"output_scores/output_logits with {apart}"]
         if call.streamer is not None:
             call.streamer.put(input_ids.cpu())
-        runner, scheduler = self.runtime
         start = time.perf_counter()
         captured = runner.graphs_captured()
         with self._compiling():
-            stats = scheduler.run(requests, eos=eos)
+            stats = scheduler.run(requests, eos=eos, record=recorded, pad_token=pad)
         if runner.graphs_captured() > captured:
             self.recorder.event(runner.describe_graphs())
         if call.streamer is not None:
@@ -270,14 +285,17 @@ class KernelstackGenerate:
                if call.copies > 1 else "")
             + f"; {stats.prefill_steps} prefill steps, {stats.decode_steps} decode steps ({runner.describe_decode()}); "
             f"{stats.preemptions} preemptions; host {1e3 * stats.host_seconds / steps:.2f} ms per step, "
-            f"{stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); {elapsed:.2f} s")
+            f"{stats.token_waits} token reads ({1e3 * stats.wait_seconds:.0f} ms waiting); {elapsed:.2f} s"
+            + ("; logits kept per step, finished rows ran on the pad token until all were done"
+               if recorded is not None else ""))
         longest = max(len(r.generated) for r in requests)
         out = torch.full((len(requests), longest), pad, dtype=torch.long)
         for b, request in enumerate(requests):
             out[b, : len(request.generated)] = torch.tensor(request.generated, dtype=torch.long)
         sequences = torch.cat([padded, out], dim=1).to(input_ids.device)
         if gen.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences)
+            return GenerateDecoderOnlyOutput(sequences=sequences, **_step_outputs(gen, call.processors, sequences,
+                                                                                  recorded, width))
         return sequences
 
 
@@ -305,9 +323,29 @@ class _Call:
     gen: object
     copies: int
     settings: _Settings
+    processors: LogitsProcessorList  # HF's own: they make output_scores' scores of the kept logits
     criteria: list  # stopping criteria beyond length and eos, checked on the host per row
     grammar: object  # None, or row index -> the row's constraint (an xgrammar matcher)
     streamer: object
+
+
+def _keeps_steps(gen) -> bool:
+    """Does HF return per-step outputs the fast path makes (it records them only under return_dict_in_generate)?"""
+    return bool(gen.return_dict_in_generate and (gen.output_scores or gen.output_logits))
+
+
+def _step_outputs(gen, processors, sequences, recorded, width) -> dict:
+    """HF's ``logits`` (each step's raw fp32 logits, as the loop kept them) and ``scores``: what HF's logits
+    processors make of them, given the ids HF's loop holds at that step (padded prompt, tokens so far, pad after
+    eos). Steps the loop ran past the last token are dropped."""
+    if recorded is None:
+        return {}
+    logits = tuple(recorded[: sequences.shape[1] - width])
+    ids = sequences.to(logits[0].device)
+    out = {"logits": logits} if gen.output_logits else {}
+    if gen.output_scores:
+        out["scores"] = tuple(processors(ids[:, : width + t], step) for t, step in enumerate(logits))
+    return out
 
 
 def _row_settings(processors, greedy, width):

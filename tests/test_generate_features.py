@@ -110,14 +110,14 @@ def test_return_dict_in_generate_gives_sequences():
     assert type(out).__name__ == type(ref).__name__ and torch.equal(out.sequences, ref.sequences)
 
 
-def test_output_scores_still_goes_to_hf_with_the_reason():
+def test_output_attentions_still_goes_to_hf_with_the_reason():
     model = build_model(tiny_config("llama"))
     ids, mask = ragged_batch([5])
     optimized = ksbackend.optimize(copy.deepcopy(model), **FX)
-    with pytest.warns(UserWarning, match="output_scores"):
+    with pytest.warns(UserWarning, match="output_attentions"):
         out = optimized.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                 return_dict_in_generate=True, output_scores=True)
-    assert len(out.scores) == 3
+                                 return_dict_in_generate=True, output_attentions=True)
+    assert len(out.attentions) == 3
 
 
 def test_json_schema_through_xgrammar_gives_valid_json_on_every_row():

@@ -11,6 +11,9 @@ forward and the decode graphs, and knows nothing of Hugging Face's generate sema
   replayed from a CUDA graph needs nothing from the host: the host can enqueue step N+1 while the GPU
   still runs step N. Token selection (argmax, or the sampler) is part of the step.
 
+A step under a ``record`` selection also keeps its logits (HF's ``output_scores`` / ``output_logits``), and its rows
+that have emitted an eos go on with the pad token as input, as HF's loop runs finished rows.
+
 Both return the selected tokens as a device tensor; nothing here waits for the GPU.
 """
 
@@ -63,6 +66,7 @@ class Selection:
     penalties: bool = False  # some row has a repetition / frequency / presence penalty (token counts kept)
     ban_eos: bool = False  # some row may not end yet (min_new_tokens): its eos logits are -inf
     bitmask: bool = False  # rows are constrained by an allowed-token bitmask (a grammar), set before each step
+    record: bool = False  # the step's logits are kept, and rows past an eos go on with the pad token
 
     @property
     def argmax_only(self) -> bool:
@@ -112,6 +116,7 @@ class DecodeBuffers:
                        for f in dataclasses.fields(RowParams)}
         self.generated = zeros(capacity, dtype=torch.int32)  # tokens generated so far (eos ban)
         self.min_new = zeros(capacity, dtype=torch.int32)
+        self.done = zeros(capacity, dtype=torch.bool)  # has emitted an eos (record steps feed it the pad token)
         self.counts = None  # [capacity, vocab] int32 token counts, made when a penalty first needs them
         self.bitmask = None  # [capacity, ceil(vocab / 32)] int32, made when a grammar first needs it
         # host mirrors of what the host wrote: planned decode kernels build their plan from these
@@ -120,8 +125,8 @@ class DecodeBuffers:
 
     def row_tensors(self):
         lazy = [t for t in (self.counts, self.bitmask) if t is not None]
-        return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, *self.params.values(),
-                *lazy]
+        return [self.ids, self.lens, self.active, self.table, self.generated, self.min_new, self.done,
+                *self.params.values(), *lazy]
 
     def clear(self, start, stop, host=True) -> None:
         """Make rows [start, stop) padding (on the device; and in the host mirrors unless ``host`` is False)."""
@@ -183,6 +188,8 @@ class ModelRunner:
         self.eager_reason = ("not on a GPU" if self.device.type != "cuda" else "cuda_graphs=False" if not cuda_graphs
                              else "the reference attention path" if attention is None else None)
         self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+        self.pad_token = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.recorded = None  # the list record steps append their fp32 logits [n, V] to (see ``record``)
         self._decode_attention = {}  # bucket (or None: eager) -> the decode kernel object
         self.rng = (torch.zeros(1, dtype=torch.int64, device=self.device),  # seed, offset of the sampler's stream
                     torch.zeros(1, dtype=torch.int64, device=self.device))
@@ -199,6 +206,7 @@ class ModelRunner:
         seqs = [self.pool.sequences[row.seq_id] for row in rows]
         buf.put(start, rows, [s.length for s in seqs], [s.pages for s in seqs])
         buf.ids[start : start + len(rows)].copy_(first_tokens)
+        buf.done[start : start + len(rows)] = self.eos_mask[first_tokens]  # read by record steps
         if counts is not None:
             if buf.counts is None:
                 buf.counts = torch.zeros(buf.capacity, self.vocab_size, dtype=torch.int32, device=self.device)
@@ -206,10 +214,17 @@ class ModelRunner:
         self.live += len(rows)
 
     def set_eos(self, token_ids) -> None:
-        """The tokens ``min_new_tokens`` bans until a row has generated enough."""
+        """The tokens ``min_new_tokens`` bans until a row has generated enough, and after which a record step
+        feeds a row the pad token."""
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         mask[list(token_ids)] = True
         self.eos_mask.copy_(mask, non_blocking=True)
+
+    def record(self, into: list | None = None, pad_token: int = 0) -> None:
+        """Steps under a ``record`` selection append their fp32 logits [rows, V] (rows in batch order) to ``into``
+        (None: stop keeping them), and rows that have emitted an eos (``set_eos``) go on with ``pad_token``."""
+        self.recorded = into
+        self.pad_token.fill_(pad_token)
 
     def set_bitmask(self, bitmask: torch.Tensor) -> None:
         """The allowed tokens of rows 0..n-1 for the next step (host int32 [n, ceil(vocab / 32)])."""
@@ -263,6 +278,8 @@ class ModelRunner:
         if selection.bitmask:
             bitmask = torch.stack([r.bitmask for r in rows]).to(self.device, non_blocking=True)
         tokens = self._select(logits, params, selection, counts, generated, min_new, bitmask)
+        if selection.record:
+            self.recorded.append(logits.to(torch.float32, copy=True))
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
         return tokens, counts
@@ -307,7 +324,7 @@ class ModelRunner:
         """One token for rows 0..n-1; returns them (a device view, valid until the next step)."""
         if self.eager_reason is not None:
             self.stats["eager"] += 1
-            return self._decode_step(n, selection, graphed=False)
+            return self._kept(self._decode_step(n, selection, graphed=False), n, selection)
         if selection not in self.graphs:
             self.graphs[selection] = CudaGraphRunner(lambda b: self._decode_step(b, selection, graphed=True),
                                                      self.buckets, before_capture=self._park,
@@ -316,11 +333,20 @@ class ModelRunner:
         bucket = runner.bucket_for(n)
         if bucket is None:
             self.stats["eager"] += 1
-            return self._decode_step(n, selection, graphed=False)
+            return self._kept(self._decode_step(n, selection, graphed=False), n, selection)
         if self.attention.decode_needs_plan:
             self._plan(bucket)
         self.stats[bucket] += 1
-        return runner.run(bucket)[:n]
+        return self._kept(runner.run(bucket), n, selection)
+
+    def _kept(self, out, n: int, selection: Selection) -> torch.Tensor:
+        """A step's tokens for rows 0..n-1; a record step's logits are copied out first (a graph writes the next
+        replay's into the same memory), on the device: nothing waits for the GPU."""
+        if not selection.record:
+            return out[:n]
+        tokens, logits = out
+        self.recorded.append(logits[:n].to(torch.float32, copy=True))
+        return tokens[:n]
 
     def graphs_captured(self) -> int:
         return sum(len(r.graphs) for r in self.graphs.values())
@@ -361,23 +387,26 @@ class ModelRunner:
             self._decode_attention[bucket] = self.attention.new_decode(bucket) if self.attention is not None else None
         return self._decode_attention[bucket]
 
-    def _decode_step(self, n: int, selection: Selection, graphed: bool) -> torch.Tensor:
+    def _decode_step(self, n: int, selection: Selection, graphed: bool):
         """The decode step over rows 0..n-1 of the buffers: run the model, select the tokens, write them as the
         next inputs and advance the lengths and counts. Under a graph every line here is a captured kernel; the
-        host adds nothing per step."""
+        host adds nothing per step. A record step also returns its logits, and feeds finished rows the pad token."""
         buf = self.buffers
         logits = self._decode_logits(n, graphed)
         counts = buf.counts[:n] if selection.penalties else None
         bitmask = buf.bitmask[:n] if selection.bitmask else None
         tokens = self._select(logits, {k: v[:n] for k, v in buf.params.items()}, selection, counts,
                               buf.generated[:n], buf.min_new[:n], bitmask)
+        if selection.record:  # as HF's loop: a finished row's next token is the pad token, whatever it drew
+            tokens = torch.where(buf.done[:n], self.pad_token, tokens)
+            buf.done[:n] |= self.eos_mask[tokens]
         buf.ids[:n].copy_(tokens)
         buf.lens[:n].copy_(buf.kv_lens[:n] * buf.active[:n])
         if selection.ban_eos:
             buf.generated[:n] += buf.active[:n]
         if counts is not None:
             counts.scatter_add_(1, tokens[:, None], buf.active[:n, None])
-        return buf.ids[:n]
+        return (buf.ids[:n], logits) if selection.record else buf.ids[:n]
 
     def _decode_logits(self, n: int, graphed: bool) -> torch.Tensor:
         """Derive this step's positions, slots and lengths from the buffers, then run the model: logits [n, V]."""

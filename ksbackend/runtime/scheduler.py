@@ -12,6 +12,10 @@ A batch larger than the pool or the batch limit runs in waves: sequences are adm
 rows free up. If a running row cannot get its next page, the youngest row is preempted (its pages
 freed, its prompt and tokens so far re-queued for a later prefill); only a sequence that can never fit
 the whole pool is an error, raised before any work.
+
+A run that records (HF's ``output_scores`` / ``output_logits``) keeps every step's logits: it prefills all its
+sequences at once and runs them together until all are done, finished rows on the pad token, as HF's loop does, so
+step t of every row is the runner's t-th recorded step (``why_not_together`` says when a batch cannot run so).
 """
 
 import collections
@@ -95,14 +99,17 @@ class Scheduler:
                 raise self.pool.exhausted_error(need, f"a sequence of {len(r.prompt)} prompt tokens + "
                                                       f"{r.max_new_tokens} new tokens")
 
-    def run(self, requests: list[Request], eos=()) -> LoopStats:
+    def run(self, requests: list[Request], eos=(), record: list | None = None, pad_token: int = 0) -> LoopStats:
         """Generate every request. Constrained requests (a grammar) need each token before the next step's
-        allowed set exists, so with them the loop reads every step's tokens at once instead of one step late."""
+        allowed set exists, so with them the loop reads every step's tokens at once instead of one step late.
+        ``record``: a list that gets each step's fp32 logits [len(requests), V] (device tensors, rows in
+        ``requests`` order; steps past the last token may follow), finished rows running on ``pad_token``."""
         self.check_fits(requests)
         if any(not r.params.greedy for r in requests):
             self.runner.reseed(int(torch.randint(0, 2**62, (1,))))
-        if any(r.min_new_tokens for r in requests):
+        if any(r.min_new_tokens for r in requests) or record is not None:
             self.runner.set_eos(eos)
+        self.runner.record(record, pad_token)
         lockstep = any(r.constraint is not None for r in requests)
         stats = LoopStats()
         waiting = collections.deque(requests)
@@ -139,12 +146,30 @@ class Scheduler:
             for row in running:
                 self.pool.release(row.seq_id)
             self.runner.keep_rows([])
+            self.runner.record(None)
         stats.host_seconds = time.perf_counter() - start - stats.wait_seconds
         return stats
 
+    def why_not_together(self, requests) -> str | None:
+        """Why ``requests`` cannot run as one batch from a single prefill to their last token (what a recording run
+        needs), or None: more rows than a decode batch, or more KV pages than the pool has (each row's whole length,
+        and the page per running row that admission keeps free)."""
+        if len(requests) > self.max_rows:
+            return f"{len(requests)} sequences, more than one decode batch ({self.max_rows})"
+        need = sum(self.pool.pages_for(len(r.prompt) + r.max_new_tokens) + 1 for r in requests)
+        if not self.pool.growable and need > self.pool.num_pages - 1:
+            return f"{need} KV pages at once, more than the pool's {self.pool.num_pages - 1}"
+        return None
+
+    @property
+    def _recording(self) -> bool:
+        return self.runner.recorded is not None
+
     # -- pieces of one iteration --------------------------------------------------------------------------
     def _retire(self, running):
-        keep = [i for i, r in enumerate(running) if not r.finished and r.remaining > 0]
+        """Drop the rows that are done; while recording, finished rows stay until every row is done."""
+        together = self._recording and any(not r.finished and r.remaining > 0 for r in running)
+        keep = [i for i, r in enumerate(running) if r.remaining > 0 and (not r.finished or together)]
         if len(keep) == len(running):
             return running
         for i, row in enumerate(running):
@@ -154,7 +179,7 @@ class Scheduler:
         return [running[i] for i in keep]
 
     def _admit(self, waiting, running, stats, inflight):
-        rows, budget = [], self.max_prefill_tokens
+        rows, budget = [], float("inf") if self._recording else self.max_prefill_tokens  # recording: one prefill
         while waiting and len(running) + len(rows) < self.max_rows:
             request = waiting[0]
             tokens = request.prompt + request.generated
@@ -190,13 +215,12 @@ class Scheduler:
         """Will this request copy the prompt pages of one admitted in the same prefill (so needs none now)?"""
         return request.fork_of is not None and not request.generated and any(r is request.fork_of for r, _, _ in rows)
 
-    @staticmethod
-    def _selection(rows) -> Selection:
+    def _selection(self, rows) -> Selection:
         """What this step's token selection needs, from (request, tokens it has generated before this step)."""
         return Selection(sampling=any(not r.params.greedy for r, _ in rows),
                          penalties=any(r.penalized for r, _ in rows),
                          ban_eos=any(done < r.min_new_tokens for r, done in rows),
-                         bitmask=any(r.constraint is not None for r, _ in rows))
+                         bitmask=any(r.constraint is not None for r, _ in rows), record=self._recording)
 
     def _reserve(self, running, waiting, inflight, stats):
         """Pages for every row's next token, reserved ahead in chunks; preempt the youngest rows if the pool is full."""
