@@ -1,6 +1,7 @@
 """The model runner's decode buffers, without a model: graph capture parks the live rows and restores them,
 host mirrors included (planned decode kernels plan from those), and compaction keeps rows in order."""
 
+import pytest
 import torch
 
 from ksbackend.runtime.kv_pool import KVPool
@@ -41,3 +42,16 @@ def test_keeping_rows_compacts_them_in_order_and_pads_the_rest():
     assert buf.params["temperature"][:2].tolist() == [2.5, 0.5]
     assert torch.equal(buf.table_host[0, :2], torch.tensor(pool.sequences[2].pages[:2], dtype=torch.int32))
     assert (buf.table[2] == runner.scratch_page).all() and buf.lens[2] == 0 and buf.active[2] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("vocab", [128256, 49152, 32000, 1000, 151936])
+def test_first_argmax_equals_argmax_with_ties_and_odd_vocabularies(vocab, device):
+    """Integer-valued logits tie often: the two-stage form must pick the first maximum, as argmax does."""
+    from ksbackend.runtime.model_runner import first_argmax
+
+    logits = torch.randint(-50, 50, (5, vocab), device=device).to(torch.bfloat16)
+    logits[1, vocab - 1] = 99  # the maximum in the last chunk
+    logits[2, [7, vocab // 2]] = 99  # tied maxima in two chunks: the first wins
+    assert torch.equal(first_argmax(logits), logits.argmax(-1))
+    assert first_argmax(logits)[2] == 7

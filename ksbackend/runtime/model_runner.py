@@ -58,6 +58,19 @@ def sampler_columns(params: list[RowParams]) -> dict:
             for f in dataclasses.fields(RowParams)}
 
 
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (the first maximum of each row) in two stages: chunk maxima, then the best chunk.
+    torch reduces each row of an arg-reduction in one thread block: over Llama-3's 128256 logits that is a 35 us
+    kernel on an H100 at batch 1 and 32, where a max over 256-token chunks spreads the row over the GPU."""
+    vocab = logits.shape[-1]
+    chunk = next((c for c in (256, 512, 128) if vocab % c == 0 and vocab >= 16 * c), None)
+    if chunk is None:
+        return logits.argmax(-1)
+    best, within = logits.unflatten(-1, (vocab // chunk, chunk)).max(-1)  # the first maximum of each chunk
+    which = best.argmax(-1, keepdim=True)  # the first chunk holding the row's maximum
+    return (which * chunk + within.gather(-1, which)).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class Selection:
     """What choosing this step's tokens takes beyond an argmax; each combination is a graph of its own."""
@@ -453,7 +466,7 @@ class ModelRunner:
         if selection.ban_eos:
             logits = logits.masked_fill((generated < min_new)[:, None] & self.eos_mask, float("-inf"))
         if selection.argmax_only:
-            return logits.argmax(-1)
+            return first_argmax(logits)
         seed, offset = self.rng
         tokens = torch.ops.kernelstack.sample(logits, **params, token_counts=counts, allowed_bitmask=bitmask, seed=seed,
                                               offset=offset)
