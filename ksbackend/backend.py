@@ -22,6 +22,7 @@ from .report import GLOBAL, GraphReport
 log = logging.getLogger("ksbackend")
 
 _recorders = [GLOBAL]  # the global one, plus one per optimized model while it compiles
+_observers = []  # callables told of each graph compiled here: (report, the weight groups it packed)
 
 
 @contextlib.contextmanager
@@ -32,6 +33,25 @@ def recording_into(recorder):
         yield
     finally:
         _recorders.remove(recorder)
+
+
+@contextlib.contextmanager
+def observing_compiles(observer):
+    """Call ``observer(report, packed)`` for each graph compiled inside this block; ``packed`` is the list of
+    weight groups (each a list of the parameters themselves) laid out back to back for it. The compile cache
+    stores both with a precompiled function, since a process that loads it never runs this backend."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def add_loaded_graph(report: GraphReport) -> None:
+    """Record a graph compiled by an earlier process (loaded whole from the compile cache) as if compiled here."""
+    report.index = len(GLOBAL.graphs)
+    for recorder in _recorders:
+        recorder.add_graph(report)
 
 
 def select_passes(opts: BackendOptions):
@@ -59,18 +79,18 @@ def _input_shapes(gm) -> str:
     return ", ".join(str(list(v.shape)) for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
 
 
-def _pack_weights(gm, example_inputs) -> int:
+def _pack_weights(gm, example_inputs) -> list:
     """Lay out the weights each fused GEMM reads back to back, once (the parameters become views of one
-    buffer: same values, no extra memory). Returns how many groups now read one buffer."""
+    buffer: same values, no extra memory). Returns the groups that now read one buffer."""
     from .ops.linear import pack_adjacent
 
     inputs = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
-    packed = 0
+    packed = []
     for node in gm.graph.nodes:
         for names in node.meta.get(passes.projections.PACK_META, ()):
             tensors = [inputs.get(name) for name in names]
             if all(isinstance(t, torch.Tensor) for t in tensors) and pack_adjacent(tensors):
-                packed += 1
+                packed.append(tensors)
     return packed
 
 
@@ -110,10 +130,13 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
             report.executor = f"fx (Inductor failed: {reason})"
             compiled = gm.forward
     # after compiling: AOTAutograd fakifies these very tensors against what Dynamo recorded of them
-    report.packed = _pack_weights(gm, example_inputs)
+    packed = _pack_weights(gm, example_inputs)
+    report.packed = len(packed)
     report.compile_ms = (time.perf_counter() - start) * 1e3
     for recorder in _recorders:
         recorder.add_graph(report)
+    for observer in _observers:
+        observer(report, packed)
     log.info("kernelstack compiled graph %d on %s: %s", report.index, device,
              ", ".join(f"{p.name}={len(p.matched)}" for p in report.passes))
     return compiled

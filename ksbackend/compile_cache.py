@@ -6,12 +6,19 @@ Inductor already keeps on-disk caches (FX graph, AOTAutograd, autotune, compiled
 changes the rewrite misses there by itself. What Inductor does not give is an entry that survives a wiped or
 fresh Inductor directory, is scoped to one model + options + pass sources + versions, and says what it did.
 ``CompileCache`` adds that: PyTorch's portable cache artifacts (``torch.compiler.save_cache_artifacts``) in
-one file under ``~/.cache/kernelstack/<key>/``, loaded before the first compile and saved after it. Dynamo's
-tracing and the passes run in every process either way (nothing stable in torch 2.11 skips them).
+one file under ``~/.cache/kernelstack/<key>/``, loaded before the first compile and saved after it.
+
+Those artifacts still leave Dynamo's tracing (bytecode analysis, fake-tensor propagation: about half of a warm
+start), the passes and AOTAutograd's cache lookup to every process. ``PrecompiledFunction`` skips them too: it
+compiles a function with Dynamo's ahead-of-time API (``torch.compile(...).aot_compile``: one full graph, its
+guards and its Inductor code, serializable) and stores that in the entry as ``<name>.dynamo``; a later process
+loads it, checks its guards on each call and runs it, tracing nothing. A call its guards reject compiles (and
+stores) one more; whatever the API cannot serve falls back to plain ``torch.compile``.
 
     cache = CompileCache.for_model(model, dataclasses.asdict(opts))
+    prefill = PrecompiledFunction(forward_prefill, backend, cache, "prefill", model)
     with cache, progress(2, "kernelstack: compiling") as bar:
-        ...  # the first generate: Dynamo compiles prefill and decode here
+        ...  # the first generate: prefill and decode are loaded (or compiled) here
     print(cache.describe())
 """
 
@@ -22,6 +29,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import threading
@@ -38,6 +46,13 @@ KEY_FILE = "key.json"  # what went into the key, to diff when an entry is not re
 _MAGIC = b"kernelstack-compile-cache-1\n"
 _ARTIFACT_KINDS = ("inductor", "autotune", "aot_autograd", "pgo", "precompile")
 _STALE_TEMP_SECONDS = 3600  # a temp file this old was left by a killed writer
+PRECOMPILED = "{}.dynamo"  # a PrecompiledFunction's compiled entries (Dynamo's code and guards, Inductor's graph)
+PRECOMPILE_LIMIT = 8  # entries (guard sets) per function, as Dynamo's own recompile limit
+_PRECOMPILE_FORMAT = 1
+# What Dynamo records on a tensor that mark_dynamic / maybe_mark_dynamic marked. A serialized guard set loses
+# the compile-time markings (its tensors come back as plain meta tensors) and then rejects any marked tensor.
+_DIM_MARKINGS = ("_has_dynamo_dim_marking", "_dynamo_dynamic_indices", "_dynamo_weak_dynamic_indices",
+                 "_dynamo_unbacked_indices", "_dynamo_strict_unbacked_indices", "_dynamo_static_indices")
 
 
 # -- the key ------------------------------------------------------------------------------------------------
@@ -186,17 +201,24 @@ class CacheStats:
     graphs_from_cache: int = 0  # Inductor graphs whose compiled code was loaded (FX graph cache hits)
     graphs_compiled: int = 0  # Inductor graphs compiled from scratch (misses)
     graphs_uncacheable: int = 0  # Inductor graphs its cache refused (bypassed): compiled in every process
+    graphs_precompiled: int = 0  # graphs loaded whole (Dynamo's code and guards too): nothing traced
+    precompile_seconds: float = 0.0  # loading those
+    precompile_off: str | None = None  # why a PrecompiledFunction falls back to tracing in every process
     error: str | None = None  # why an entry was ignored or not saved
 
     def describe(self) -> str:
         entry = ("off" if not self.enabled
                  else f"hit ({self.loaded_bytes / 2**20:.1f} MiB loaded in {self.load_seconds:.2f} s)" if self.hit
+                 else "hit" if self.graphs_precompiled
                  else f"miss ({self.error})" if self.error else "miss")
         saved = f", {self.saved_bytes / 2**20:.1f} MiB saved in {self.save_seconds:.2f} s" if self.saved_bytes else ""
         bypassed = f", {self.graphs_uncacheable} not cacheable" if self.graphs_uncacheable else ""
-        return (f"compile cache {self.directory}: {entry}{saved}; {self.graphs_from_cache} graphs from Inductor's "
-                f"cache, {self.graphs_compiled} compiled{bypassed}; compiling {self.compile_seconds:.1f} s of "
-                f"{self.wall_seconds:.1f} s")
+        whole = (f"{self.graphs_precompiled} graphs loaded whole (not traced) in {self.precompile_seconds:.1f} s, "
+                 if self.graphs_precompiled else "")
+        off = f"; tracing not cached ({self.precompile_off})" if self.precompile_off else ""
+        return (f"compile cache {self.directory}: {entry}{saved}; {whole}{self.graphs_from_cache} graphs from "
+                f"Inductor's cache, {self.graphs_compiled} compiled{bypassed}; compiling {self.compile_seconds:.1f} s "
+                f"of {self.wall_seconds:.1f} s{off}")
 
 
 def _artifact_keys(info) -> frozenset:
@@ -210,7 +232,9 @@ def _inductor_counts() -> tuple[int, int, int]:
 
 
 def _dynamo_compile_seconds() -> float:
-    return sum(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", ()))
+    """Dynamo's compiles (``torch.compile``'s, plus ``aot_compile``'s whole capture and backend compile)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return sum(sum(metrics.get(name, ())) for name in ("_compile.compile_inner", "fullgraph_capture"))
 
 
 class CompileCache:
@@ -301,6 +325,252 @@ class CompileCache:
         return False
 
 
+# -- whole compiled functions ------------------------------------------------------------------------------
+try:  # torch 2.11 and 2.13 have the ahead-of-time API
+    from torch._dynamo.aot_compile_types import (
+        BundledAOTAutogradSerializableCallable as _Bundled,
+    )
+    from torch._dynamo.aot_compile_types import (
+        SerializableCallable as _SerializableCallable,
+    )
+except ImportError:
+    _Bundled = _SerializableCallable = None
+
+if _SerializableCallable is not None:
+    class _InductorOutput(_SerializableCallable):
+        """What ``compile_fx`` returned to the backend, in the form ``aot_compile`` stores. torch 2.13 wraps any
+        result that can serialize itself; torch 2.11 only its own Inductor backend's, and refuses the rest."""
+
+        def __init__(self, compiled):
+            self.bundled = _Bundled(compiled)
+
+        @classmethod
+        def serialize_compile_artifacts(cls, fn) -> bytes:
+            return _Bundled.serialize_compile_artifacts(fn.bundled)
+
+        @classmethod
+        def deserialize_compile_artifacts(cls, data: bytes):
+            return _Bundled.deserialize_compile_artifacts(data)
+
+        def __call__(self, *args, **kwargs):
+            return self.bundled(*args, **kwargs)
+
+
+def _storable(backend):
+    """``backend`` with its result wrapped for ``aot_compile`` when it can serialize itself (Inductor's can; the
+    FX executor's cannot, and aot_compile then refuses it)."""
+
+    def compile_for_storage(gm, example_inputs):
+        compiled = backend(gm, example_inputs)
+        if _SerializableCallable is not None and getattr(compiled, "serialize", None) is not None:
+            return _InductorOutput(compiled)
+        return compiled
+
+    return compile_for_storage
+
+
+def precompile_unavailable() -> str | None:
+    """Why this torch cannot store a traced function (None when it can): it lacks the ahead-of-time API,
+    ``torch._dynamo.aot_compile`` (torch 2.11 and 2.13 have it; 2.11 behind ``enable_aot_compile``)."""
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+    except ImportError:
+        return f"torch {torch.__version__} has no torch._dynamo.aot_compile"
+    missing = [name for name in ("serialize", "deserialize", "guard_check") if not hasattr(AOTCompiledFunction, name)]
+    return f"torch {torch.__version__}'s AOTCompiledFunction lacks {', '.join(missing)}" if missing else None
+
+
+def _serializable_guards(guards) -> list:
+    """Dynamo's guards a stored function keeps: those on its arguments and closure (tensor shapes, strides,
+    dtypes, dispatch keys, dynamic-shape relations, the values of config attributes it read), not those on
+    object identity or on module globals, which have no meaning in another process. The key (model config,
+    every source file, versions) stands in for what is dropped."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [not (g.is_global or g.guard_type in unsupported or unsupported.intersection(g.derived_guard_types or ()))
+            for g in guards]
+
+
+def _unmarked(value):
+    """``value``, or for a tensor that mark_dynamic marked, an alias without the marks (see ``_DIM_MARKINGS``)."""
+    if isinstance(value, torch.Tensor) and any(hasattr(value, name) for name in _DIM_MARKINGS):
+        return value.view(value.shape)
+    return value
+
+
+@contextlib.contextmanager
+def _foreign_methods_hidden(model):
+    """Take methods of non-module objects (``optimize``'s ``model.generate``) off the model while Dynamo saves
+    its guards: it pickles the guarded model's attributes, and such a method would drag in its whole object."""
+    hidden = {name: value for name, value in vars(model).items()
+              if hasattr(value, "__self__") and callable(value) and not isinstance(value.__self__, torch.nn.Module)}
+    for name in hidden:
+        delattr(model, name)
+    try:
+        yield
+    finally:
+        for name, value in hidden.items():
+            setattr(model, name, value)
+
+
+def _unstorable(fn, model) -> str | None:
+    """Why ``fn``'s module cannot be handed back on load (None when it can): it must reach ``model`` through its
+    closure, and no other module (a module global's guards are dropped, and would not load)."""
+    cells = [c.cell_contents for c in fn.__closure__ or ()]
+    globals_ = [fn.__globals__.get(name) for name in fn.__code__.co_names]
+    if not any(value is model for value in cells):
+        return f"{fn.__qualname__} does not hold the model in its closure"
+    others = [value for value in cells + globals_ if isinstance(value, torch.nn.Module) and value is not model]
+    return f"{fn.__qualname__} reads other modules ({type(others[0]).__name__})" if others else None
+
+
+@dataclasses.dataclass
+class _Entry:
+    function: object  # torch._dynamo.aot_compile.AOTCompiledFunction
+    stored: dict  # what the file holds of it: serialized function, packed weight names, graph reports
+    reports: list  # graph reports not yet recorded in this process (recorded when the entry first runs)
+
+
+class PrecompiledFunction:
+    """``torch.compile(fn, backend=backend)`` whose compiled form lives in ``cache``'s entry as well:
+    Dynamo's transformed bytecode and guards and the backend's Inductor graph, as ``<name>.dynamo``. A call
+    runs the first stored entry whose guards accept it; the first process compiles (and stores) an entry per
+    guard set, later ones load them and trace nothing. ``model`` is ``fn``'s one closure module (stored by
+    reference, given back on load). Anything the ahead-of-time API refuses (a graph break, a backend result it
+    cannot serialize, a guard it cannot save) runs ``fallback`` (plain ``torch.compile``) from then on, and
+    the entry records that so later processes do not try again."""
+
+    def __init__(self, fn, backend, cache: CompileCache, name: str, model, fallback=None, limit=PRECOMPILE_LIMIT):
+        self.fn, self.backend, self.cache, self.name, self.model, self.limit = fn, backend, cache, name, model, limit
+        self.fallback = fallback if fallback is not None else torch.compile(fn, backend=backend)
+        self._torchdynamo_orig_callable = fn  # as on torch.compile's wrapper (hf's labels read its code)
+        self.entries: list[_Entry] = []
+        self.off = ("the compile cache is off" if not cache.stats.enabled
+                    else precompile_unavailable() or _unstorable(fn, model))
+        if cache.stats.enabled and self.off:
+            cache.stats.precompile_off = self.off
+        self._loaded = self.off is not None
+
+    @property
+    def file(self) -> Path:
+        return self.cache.path / PRECOMPILED.format(self.name)
+
+    def __call__(self, *args):
+        if not self._loaded:
+            self._load()
+        plain = tuple(map(_unmarked, args))
+        for entry in self.entries:
+            if entry.function.guard_check(*plain):
+                return self._run(entry, plain)
+        if self.off is not None or len(self.entries) >= self.limit:
+            return self.fallback(*args)
+        entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
+        if entry is not None and entry.function.guard_check(*plain):
+            return self._run(entry, plain)
+        if entry is not None:
+            self._turn_off("a fresh entry's guards reject the call it was compiled for")
+        return self.fallback(*args)
+
+    def _run(self, entry, args):
+        from .backend import add_loaded_graph
+
+        while entry.reports:
+            add_loaded_graph(entry.reports.pop(0))
+        return entry.function.fn(*args)
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        self._loaded = True
+        start = time.perf_counter()
+        try:
+            stored = pickle.loads(_unpack(self.file.read_bytes()))
+            if stored.get("format") != _PRECOMPILE_FORMAT:
+                raise ValueError(f"format {stored.get('format')!r}")
+            entries = [self._restore(item) for item in stored["entries"]]
+            if stored.get("off"):  # what an earlier process could not store: not tried again
+                self.off = self.cache.stats.precompile_off = stored["off"]
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001 - an unusable entry costs a compile, never the model
+            self.cache.stats.error = f"ignored {self.file}: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("kernelstack compile cache: %s", self.cache.stats.error)
+            return
+        self.entries = entries
+        self.cache.stats.graphs_precompiled += sum(len(e.reports) for e in entries)
+        self.cache.stats.precompile_seconds += time.perf_counter() - start
+        log.info("kernelstack compile cache: loaded %d compiled %s function(s) from %s in %.2f s", len(entries),
+                 self.name, self.file, time.perf_counter() - start)
+
+    def _restore(self, item: dict) -> _Entry:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        from .ops.linear import pack_adjacent
+
+        function = AOTCompiledFunction.deserialize(item["function"], self.fn.__globals__, {"model": self.model})
+        # The backend laid these weights out back to back when it compiled: the same layout here, before any
+        # guard check (the guards saw the packed parameters) and for the fused GEMMs' one read.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for names in item["packs"]:
+            if not pack_adjacent([params[n] for n in names]):
+                raise ValueError(f"cannot lay out {names} back to back")
+        reports = pickle.loads(item["reports"])
+        for report in reports:
+            report.executor += " (loaded whole from the compile cache, not traced)"
+        return _Entry(function, item, reports)
+
+    # -- compiling ------------------------------------------------------------------------------------------
+    def _compile(self, args):
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        from .backend import observing_compiles
+
+        observed = []
+        try:
+            with (_foreign_methods_hidden(self.model), observing_compiles(lambda *seen: observed.append(seen)),
+                  torch._dynamo.config.patch(enable_aot_compile=True)):  # off by default in torch 2.11
+                compiled = torch.compile(self.fn, backend=_storable(self.backend), fullgraph=True,
+                                         options={"guard_filter_fn": _serializable_guards})
+                function = compiled.aot_compile((args, {}))
+        except Exception as exc:  # noqa: BLE001 - e.g. a graph break: plain torch.compile serves it
+            self._turn_off(f"aot_compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            return None
+        entry = _Entry(function, {}, [])  # its graphs' reports are recorded already (the backend ran here)
+        self.cache.stats.graphs_compiled += len(observed)  # aot_compile bypasses Inductor's FX cache and its counts
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        try:
+            packs = [[names[id(t)] for t in group] for _, groups in observed for group in groups]
+            entry.stored = {"function": AOTCompiledFunction.serialize(function, {"model": self.model}).serialized_data,
+                            "packs": packs, "reports": pickle.dumps([report for report, _ in observed])}
+        except Exception as exc:  # noqa: BLE001 - this process still runs it; later ones trace
+            self.entries.append(entry)
+            self._turn_off(f"not serializable: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            return entry
+        self.entries.append(entry)
+        self._store()
+        return entry
+
+    def _turn_off(self, reason: str) -> None:
+        self.off = self.cache.stats.precompile_off = f"{self.name}: {reason}"
+        log.warning("kernelstack compile cache: %s; plain torch.compile serves %s's other calls", self.off,
+                    self.name)
+        self._store()  # with the reason, so that later processes do not try again
+
+    def _store(self) -> None:
+        entries = [e.stored for e in self.entries if e.stored]
+        stored = {"format": _PRECOMPILE_FORMAT, "off": self.off, "entries": entries}
+        payload = pickle.dumps(stored)
+        start = time.perf_counter()
+        try:
+            write_atomic(self.file, _pack(payload))
+        except OSError as exc:
+            self.cache.stats.error = f"not saved to {self.file}: {exc}"
+            log.warning("kernelstack compile cache: %s", self.cache.stats.error)
+            return
+        self.cache.stats.saved_bytes += len(payload)
+        self.cache.stats.save_seconds += time.perf_counter() - start
+
+
 # -- progress -----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def progress(total: int, desc: str, unit: str = "graph", enabled: bool | None = None):
@@ -328,5 +598,5 @@ def _tick(bar, stop: threading.Event) -> None:
         bar.refresh()
 
 
-__all__ = ["CacheStats", "CompileCache", "cache_key", "cache_root", "key_inputs", "model_signature", "progress",
-           "write_atomic"]
+__all__ = ["CacheStats", "CompileCache", "PrecompiledFunction", "cache_key", "cache_root", "key_inputs",
+           "model_signature", "precompile_unavailable", "progress", "write_atomic"]

@@ -101,6 +101,9 @@ class RuntimeOptions:
     decode_kernel: str = "auto"  # one of DECODE_KERNELS
     attention: str = "auto"  # "auto": FlashInfer on CUDA where it serves; "reference": the plain-torch paged path
     compile_cache: bool = True  # reuse compiled graphs across processes (~/.cache/kernelstack, $KERNELSTACK_CACHE_DIR)
+    # also store Dynamo's traces there, so a later process traces nothing (experimental: torch's private
+    # ahead-of-time API; compile_cache.PrecompiledFunction); needs compile_cache
+    trace_cache: bool = False
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod
@@ -119,6 +122,8 @@ class RuntimeOptions:
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
         _check_choice("attention", self.attention, ("auto", "reference"))
+        if self.trace_cache and not self.compile_cache:
+            raise OptionError("option trace_cache=True stores traces in the compile cache: it needs compile_cache=True")
         if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
             raise OptionError("options max_batch_size and max_prefill_tokens must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:

@@ -34,7 +34,7 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaL
 from transformers.generation import GenerateDecoderOnlyOutput, logits_process, stopping_criteria
 
 from .backend import kernelstack_backend, recording_into
-from .compile_cache import CompileCache, progress
+from .compile_cache import CompileCache, PrecompiledFunction, progress
 from .config import RuntimeOptions
 from .distributed import agree_on_min, local_attention_heads
 from .models import head_dim
@@ -142,9 +142,9 @@ class KernelstackGenerate:
     @property
     def runtime(self):
         if self._runtime is None:
-            self._runtime = _build_runtime(self.model, self.opts, self.recorder)
             self.compile_cache = CompileCache.for_model(self.model, dataclasses.asdict(self.opts),
                                                         enabled=self.opts.compile_cache)
+            self._runtime = _build_runtime(self.model, self.opts, self.recorder, self.compile_cache)
         return self._runtime
 
     def _compiling(self):
@@ -431,7 +431,7 @@ class _GrammarConstraint:
 
 
 # -- building the runtime -------------------------------------------------------------------------------
-def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
+def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: CompileCache):
     cfg = model.config
     device = next(model.parameters()).device
     head_size = head_dim(cfg)
@@ -467,8 +467,13 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder):
     graphs = opts.cuda_graphs and device.type == "cuda" and attention is not None
     capacity = min(opts.max_batch_size, max(opts.decode_buckets)) if graphs else opts.max_batch_size
     width = pool.pages_for(max(cfg.max_position_embeddings, opts.page_size))
-    runner = ModelRunner(_labelled(torch.compile(forward_prefill, backend=backend), "prefill", recorder),
-                         _labelled(torch.compile(forward_decode, backend=backend), "decode", recorder),
+    def compiled(fn, path):
+        traced = torch.compile(fn, backend=backend)
+        if opts.trace_cache:  # a later process loads the trace too (experimental; falls back to ``traced``)
+            traced = PrecompiledFunction(fn, backend, cache, path, model, fallback=traced)
+        return _labelled(traced, path, recorder)
+
+    runner = ModelRunner(compiled(forward_prefill, "prefill"), compiled(forward_decode, "decode"),
                          pool, attention, capacity, opts.decode_buckets, graphs, width, cfg.vocab_size,
                          model_scope=lambda: _AttentionImplementation(model, ATTN_IMPLEMENTATION))
     if capacity < opts.max_batch_size:

@@ -17,7 +17,16 @@ import torch
 
 import passes
 from ksbackend import compile_cache
-from ksbackend.compile_cache import ARTIFACTS, KEY_FILE, CompileCache, cache_key, model_signature, progress
+from ksbackend.compile_cache import (
+    ARTIFACTS,
+    KEY_FILE,
+    CacheStats,
+    CompileCache,
+    PrecompiledFunction,
+    cache_key,
+    model_signature,
+    progress,
+)
 from ksbackend.config import RuntimeOptions
 from ksbackend.models import build_model, tiny_config
 
@@ -244,3 +253,197 @@ def test_editing_a_pass_source_invalidates_the_cache(cold):
     assert stats["key"] != first["stats"]["key"] and not stats["hit"] and stats["graphs_compiled"] >= 1
     old, new = (json.loads((tmp / "ks" / s["key"] / KEY_FILE).read_text())["passes"] for s in (first["stats"], stats))
     assert [p for p in old if p not in new] == [p for p in old if p[0] == "act_and_mul"]
+
+
+# -- whole compiled functions (Dynamo's trace stored too) ---------------------------------------------------
+def eager_backend(gm, example_inputs):
+    return gm.forward  # nothing torch can serialize
+
+
+def counted(fn, calls):
+    def fallback(*args):
+        calls.append(args)
+        return fn(*args)
+
+    return fallback
+
+
+def test_dim_marks_are_dropped_on_an_alias_only():
+    ids = torch.arange(6).reshape(1, 6)
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
+    plain = compile_cache._unmarked(ids)
+    assert plain is not ids and plain.data_ptr() == ids.data_ptr() and plain.stride() == ids.stride()
+    assert not any(hasattr(plain, name) for name in compile_cache._DIM_MARKINGS)
+    assert hasattr(ids, "_has_dynamo_dim_marking")
+    unmarked = torch.ones(3)
+    assert compile_cache._unmarked(unmarked) is unmarked and compile_cache._unmarked(3) == 3
+
+
+def test_methods_of_other_objects_are_hidden_while_guards_are_saved():
+    model = torch.nn.Linear(2, 2)
+    engine = types.SimpleNamespace(generate=lambda: "engine")
+    model.generate = types.MethodType(lambda self: "bound elsewhere", engine)
+    model.own = types.MethodType(lambda self: "bound to the module", model)
+    with compile_cache._foreign_methods_hidden(model):
+        assert "generate" not in vars(model) and "own" in vars(model)
+    assert model.generate() == "bound elsewhere"
+
+
+@pytest.mark.parametrize("why", ["graph break", "backend result torch cannot serialize"])
+def test_a_function_torch_cannot_store_runs_plain_torch_compile_and_is_not_retried(tmp_path, monkeypatch, why):
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    model = torch.nn.Linear(4, 4)
+
+    def forward(x):  # holds the model in its closure
+        if why == "graph break":
+            torch._dynamo.graph_break()
+        return model(x)
+
+    calls, x = [], torch.randn(2, 4)
+    cache = CompileCache("k", tmp_path)
+    fn = PrecompiledFunction(forward, eager_backend, cache, "forward", model, fallback=counted(forward, calls))
+    assert torch.equal(fn(x), model(x)) and torch.equal(fn(x), model(x)) and len(calls) == 2
+    assert "aot_compile failed" in cache.stats.precompile_off and "tracing not cached" in cache.describe()
+    # the next process reads that from the entry and does not try again
+    monkeypatch.setattr(PrecompiledFunction, "_compile", lambda self, args: pytest.fail("tried to aot_compile again"))
+    later = CompileCache("k", tmp_path)
+    fn = PrecompiledFunction(forward, eager_backend, later, "forward", model, fallback=counted(forward, calls))
+    assert torch.equal(fn(x), model(x)) and len(calls) == 3 and later.stats.precompile_off == cache.stats.precompile_off
+
+
+def test_an_unreadable_precompiled_entry_is_ignored(tmp_path, caplog):
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    model = torch.nn.Linear(4, 4)
+
+    def forward(x):
+        return model(x)
+
+    cache = CompileCache("k", tmp_path)
+    compile_cache.write_atomic(cache.path / compile_cache.PRECOMPILED.format("forward"), b"\x00garbage")
+    calls, x = [], torch.randn(2, 4)
+    fn = PrecompiledFunction(forward, eager_backend, cache, "forward", model, fallback=counted(forward, calls))
+    assert torch.equal(fn(x), model(x)) and len(calls) == 1
+    assert "ignored" in cache.stats.error and "ignored" in caplog.text
+
+
+def test_a_function_reading_a_module_global_is_not_stored(tmp_path):
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    cache = CompileCache("k", tmp_path)
+    fn = PrecompiledFunction(module_global_forward, eager_backend, cache, "forward", GLOBAL_MODULE,
+                             fallback=lambda x: x)
+    assert "does not hold the model in its closure" in fn.off and fn(3) == 3 and not (tmp_path / "k").exists()
+
+
+GLOBAL_MODULE = torch.nn.Linear(2, 2)
+
+
+def module_global_forward(x):
+    return GLOBAL_MODULE(x)
+
+
+def test_no_cache_means_plain_torch_compile(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    calls, x = [], torch.randn(2, 4)
+    cache = CompileCache("k", tmp_path, enabled=False)
+    fn = PrecompiledFunction(lambda t: model(t), eager_backend, cache, "forward", model,
+                             fallback=counted(lambda t: model(t), calls))
+    assert torch.equal(fn(x), model(x)) and len(calls) == 1 and not (tmp_path / "k").exists()
+
+
+PRECOMPILED_FORWARD = """
+import dataclasses, json, torch
+from ksbackend import backend
+from ksbackend.compile_cache import CompileCache, PrecompiledFunction, _dynamo_compile_seconds
+from ksbackend.models import build_model, tiny_config
+from ksbackend.ops.linear import adjacent_base
+
+def forward_of(model):  # the model in the function's closure, as hf's forward_prefill holds it
+    def forward(ids):
+        return model(input_ids=ids, use_cache=False).logits
+    return forward
+
+model = build_model(tiny_config("llama"))
+forward = forward_of(model)
+cache = CompileCache("precompiled")
+fn = PrecompiledFunction(forward, backend.kernelstack_backend, cache, "forward", model)
+sums = []
+with torch.inference_mode(), cache:
+    for rows, width in [(1, 5), (1, 9), (2, 5)]:  # the second fits the first's guards, the third does not
+        ids = torch.arange(rows * width).reshape(rows, width) % 256
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        sums.append(fn(ids).double().sum().item())
+attn = model.model.layers[0].self_attn
+print(json.dumps({"stats": dataclasses.asdict(cache.stats), "sums": sums, "entries": len(fn.entries),
+                  "compile_seconds": _dynamo_compile_seconds(),
+                  "executors": [g.executor for g in backend.GLOBAL.graphs],
+                  "packed": adjacent_base([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_whole_compiled_function(tmp_path):
+    """Dynamo's trace is stored with Inductor's graph: the next process traces nothing, lays the weights out as
+    the backend did, reports the graphs, and computes the same logits."""
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               KERNELSTACK_CACHE_DIR=str(tmp_path / "ks"), PYTHONPATH=str(ROOT))
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", PRECOMPILED_FORWARD], check=False, cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["entries"] == 2 and first["stats"]["graphs_precompiled"] == 0 and first["compile_seconds"] > 0
+    assert first["stats"]["graphs_compiled"] == 2 and second["stats"]["graphs_compiled"] == 0
+    assert first["packed"] and first["stats"]["precompile_off"] is None and len(first["executors"]) == 2
+    assert second["entries"] == 2 and second["stats"]["graphs_precompiled"] == 2 and second["compile_seconds"] == 0
+    assert second["packed"] and all("loaded whole" in e for e in second["executors"]) and len(second["executors"]) == 2
+    assert second["sums"] == first["sums"] and "2 graphs loaded whole" in CacheStats(**second["stats"]).describe()
+
+
+TRACED_GENERATE = """
+import dataclasses, json
+import ksbackend
+from ksbackend.models import build_model, left_pad, tiny_config
+
+model = ksbackend.optimize(build_model(tiny_config("llama")), trace_cache=True)
+ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]])
+out = model.generate(ids, attention_mask=mask, max_new_tokens=4)
+print(json.dumps({"stats": dataclasses.asdict(model._kernelstack_engine.compile_cache.stats), "tokens": out.tolist(),
+                  "report": str(ksbackend.explain(model))}))
+"""
+
+
+@pytest.mark.slow
+def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path):
+    """``optimize(model, trace_cache=True)`` end to end: the second process loads prefill and decode whole, compiles
+    nothing, says so in the explain report, and generates the same tokens."""
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), KERNELSTACK_CACHE_DIR=str(tmp_path / "ks"),
+               KERNELSTACK_PROGRESS="0", PYTHONPATH=str(ROOT))
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", TRACED_GENERATE], check=False, cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["stats"]["graphs_precompiled"] == 0 and first["stats"]["precompile_off"] is None
+    assert second["stats"]["graphs_precompiled"] == 2 and second["stats"]["graphs_compiled"] == 0
+    assert "loaded whole from the compile cache" in second["report"]
+    assert second["tokens"] == first["tokens"]
+
+
+def test_trace_cache_needs_the_compile_cache():
+    from ksbackend.config import OptionError, RuntimeOptions
+
+    with pytest.raises(OptionError, match="trace_cache"):
+        RuntimeOptions.from_options({"trace_cache": True, "compile_cache": False})
