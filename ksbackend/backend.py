@@ -17,7 +17,7 @@ import passes  # the module, not its names: ``import passes`` first imports ksba
 from . import ops
 from .config import BackendOptions
 from .distributed import collective_ops
-from .report import GLOBAL, GraphReport
+from .report import GLOBAL, GraphReport, Recorder
 
 log = logging.getLogger("ksbackend")
 
@@ -45,6 +45,15 @@ def observing_compiles(observer):
         yield
     finally:
         _observers.remove(observer)
+
+
+def record_event(message: str) -> None:
+    """A decision made while a model runs (a kernel measured fastest for a shape): into the process-wide report
+    and, inside ``recording_into``, the optimized model's own."""
+    GLOBAL.event(message)
+    for recorder in _recorders[1:]:
+        if isinstance(recorder, Recorder):
+            recorder.events.append(message)
 
 
 def add_loaded_graph(report: GraphReport) -> None:

@@ -147,7 +147,7 @@ def test_on_cuda_linear_cat_times_each_shape_once_and_keeps_the_winner():
     torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
     key = (1, 3072, 2048, torch.bfloat16, False, x.device.index)
     assert key in SHAPE_CHOICES.winners and {"cuBLAS", "cuBLAS mv"} <= set(SHAPE_CHOICES.winners[key][1])
-    assert any("M=1 N=3072 K=2048" in e for e in GLOBAL.snapshot().events)
+    assert any("linear M=1 N=3072 K=2048" in e for e in GLOBAL.snapshot().events)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # the decided shape captures without timing anything
         captured = torch.ops.kernelstack.linear_cat(x, weights, [])

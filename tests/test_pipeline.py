@@ -146,3 +146,15 @@ def test_rope_table_in_the_transformers_517_form():
     out = compile_fx(rotary)(x, pos)
     assert ksbackend.explain().matched("rope_cos_sin") == 1
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_a_runtime_decision_reaches_the_models_report_and_the_global_one():
+    from ksbackend.backend import record_event, recording_into
+    from ksbackend.report import GLOBAL, Recorder
+
+    mine = Recorder()
+    with recording_into(mine):
+        record_event("linear M=1 N=7 K=5 bfloat16: cuBLAS, 1.0 us (cuBLAS 1.0 us)")
+    record_event("after the block")
+    assert mine.snapshot().events == ["linear M=1 N=7 K=5 bfloat16: cuBLAS, 1.0 us (cuBLAS 1.0 us)"]
+    assert GLOBAL.snapshot().events[-2:] == [mine.snapshot().events[0], "after the block"]
