@@ -383,22 +383,24 @@ print(json.dumps({"stats": dataclasses.asdict(cache.stats), "sums": sums, "entri
 """
 
 
+def fresh_process(script, tmp):
+    """Run ``script`` in a new interpreter with its caches under ``tmp`` (the same ones on every call); the JSON
+    it printed last."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), KERNELSTACK_CACHE_DIR=str(tmp / "ks"),
+               KERNELSTACK_PROGRESS="0", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_second_process_loads_the_whole_compiled_function(tmp_path):
     """Dynamo's trace is stored with Inductor's graph: the next process traces nothing, lays the weights out as
     the backend did, reports the graphs, and computes the same logits."""
     if compile_cache.precompile_unavailable():
         pytest.skip(compile_cache.precompile_unavailable())
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
-               KERNELSTACK_CACHE_DIR=str(tmp_path / "ks"), PYTHONPATH=str(ROOT))
-
-    def run():
-        done = subprocess.run([sys.executable, "-c", PRECOMPILED_FORWARD], check=False, cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.splitlines()[-1])
-
-    first, second = run(), run()
+    first, second = fresh_process(PRECOMPILED_FORWARD, tmp_path), fresh_process(PRECOMPILED_FORWARD, tmp_path)
     assert first["entries"] == 2 and first["stats"]["graphs_precompiled"] == 0 and first["compile_seconds"] > 0
     assert first["stats"]["graphs_compiled"] == 2 and second["stats"]["graphs_compiled"] == 0
     assert first["packed"] and first["stats"]["precompile_off"] is None and len(first["executors"]) == 2
@@ -426,16 +428,7 @@ def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path):
     nothing, says so in the explain report, and generates the same tokens."""
     if compile_cache.precompile_unavailable():
         pytest.skip(compile_cache.precompile_unavailable())
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), KERNELSTACK_CACHE_DIR=str(tmp_path / "ks"),
-               KERNELSTACK_PROGRESS="0", PYTHONPATH=str(ROOT))
-
-    def run():
-        done = subprocess.run([sys.executable, "-c", TRACED_GENERATE], check=False, cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.splitlines()[-1])
-
-    first, second = run(), run()
+    first, second = fresh_process(TRACED_GENERATE, tmp_path), fresh_process(TRACED_GENERATE, tmp_path)
     assert first["stats"]["graphs_precompiled"] == 0 and first["stats"]["precompile_off"] is None
     assert second["stats"]["graphs_precompiled"] == 2 and second["stats"]["graphs_compiled"] == 0
     assert "loaded whole from the compile cache" in second["report"]
