@@ -150,7 +150,6 @@ def small_m_gemm(bw, out):
                 yield [model, proj, f"{m} x {n} x {k}", f"{times['cuBLAS']:.1f}", f"{times.get('cuBLAS mv', 0):.1f}",
                        f"{triton_best:.1f}", f"{floor:.1f}", best, f"{floor / times[best]:.0%}",
                        f"{times['cuBLAS'] / times[best]:.2f}x"]
-            del weight
 
     table(out, "Small-M projections: cuBLAS against the Triton GEMV (bf16, L2 flushed), microseconds",
           ["model", "projection", "M x N x K", "cuBLAS", "cuBLAS mv (M=1)", "best Triton tile", "weight-read floor",

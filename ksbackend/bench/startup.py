@@ -1,9 +1,9 @@
 """Time to the first token in a fresh process: cold (empty caches), then a second process with the same
 model and options (the cache the first one filled), for each way the compile cache can serve: Inductor's artifacts
-alone (the default: Dynamo traces in every process), and with ``trace_cache=True`` (Dynamo's trace stored too). Each process loads the model, optimizes it and times its first
-``generate`` of one new token at batch 1 (prefill only), then a call of 16 (the decode path's compile and capture);
-the explain report's compile-cache and CUDA-graph lines say where the
-time went."""
+alone (the default: Dynamo traces in every process), and with ``trace_cache=True`` (Dynamo's trace stored too).
+Each process loads the model, optimizes it and times its first ``generate`` of one new token at batch 1 (prefill
+only), then a call of 16 (the decode path's compile and capture); the explain report's compile-cache and CUDA-graph
+lines say where the time went."""
 
 import json
 import os
@@ -38,7 +38,8 @@ def first_token(name, cache_dir, mode):
     """One fresh process; every cache it may use (kernelstack's, Inductor's, Triton's) lives under ``cache_dir``."""
     env = dict(os.environ, KERNELSTACK_CACHE_DIR=cache_dir, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"), KERNELSTACK_PROGRESS="0")
-    done = subprocess.run([sys.executable, "-c", CHILD, name, mode], capture_output=True, text=True, env=env, timeout=400)
+    done = subprocess.run([sys.executable, "-c", CHILD, name, mode], capture_output=True, text=True, env=env,
+                          timeout=400)
     if done.returncode:
         return dict(error=done.stderr[-400:])
     return json.loads(done.stdout.strip().splitlines()[-1])

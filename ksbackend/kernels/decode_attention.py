@@ -49,7 +49,7 @@ def decode_attention_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part
         if FP32_DOT:  # the CPU interpreter's bf16 tl.dot multiplies raw bits: products in fp32 there
             q = q.to(tl.float32)
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-        l = tl.zeros((GROUP_PAD,), tl.float32)
+        row_sum = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, D), tl.float32)
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, length)
@@ -65,17 +65,17 @@ def decode_attention_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
+            row_sum = row_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
             m = m_new
         out = out_ptr + b * s_ob + heads[:, None] * s_oh + dims[None, :]
         if active == 1:
-            tl.store(out, (v_scale * acc / tl.where(l > 0, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+            tl.store(out, (v_scale * acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
                      mask=hmask[:, None])
         else:
             part = (b * num_q_heads + heads) * SPLITS + split
             tl.store(part_ml_ptr + part * 2, m, mask=hmask)
-            tl.store(part_ml_ptr + part * 2 + 1, l, mask=hmask)
+            tl.store(part_ml_ptr + part * 2 + 1, row_sum, mask=hmask)
             tl.store(part_acc_ptr + part[:, None] * D + dims[None, :], acc, mask=hmask[:, None])
             tl.debug_barrier()  # every thread's partial stored before the release below
             done = tl.atomic_add(count_ptr + b * num_kv_heads + kh, 1, sem="acq_rel")
@@ -136,5 +136,6 @@ def decode_attention_triton(q, cache, page_table, kv_lens, sm_scale, window_left
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), page_table.stride(0), sm_scale * k_scale * math.log2(math.e), float(v_scale), window_left,
         cache.shape[2], hq, hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n or (64 if d <= 128 else 32), SPLITS=splits, MIN_CHUNK=min_chunk, FP32_DOT=not q.is_cuda, num_warps=4)
+        BLOCK_N=block_n or (64 if d <= 128 else 32), SPLITS=splits, MIN_CHUNK=min_chunk, FP32_DOT=not q.is_cuda,
+        num_warps=4)
     return out

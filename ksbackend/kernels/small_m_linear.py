@@ -4,8 +4,8 @@ At M = 1 a linear layer is a pure weight stream, and what matters is keeping eve
 heuristic sometimes picks split-K for such shapes (Llama-3.2-1B's fused q/k/v, 3072 x 2048, ran at 0.9 TB/s on an
 H100, plus a separate reduce launch), and sometimes runs near the copy bandwidth (its 8192 x 2048 MLP). So
 nothing is assumed: ``choose`` times cuBLAS (and at one row its matrix-vector routine) against a few tile shapes of
-this kernel the first time a shape is seen (never during a CUDA-graph capture: the capture's warm-up calls come first) and keeps the winner, which the
-explain report lists.
+this kernel the first time a shape is seen (never during a CUDA-graph capture: the capture's warm-up calls come
+first) and keeps the winner, which the explain report lists.
 
 One program owns ``BLOCK_N`` output columns for all ``M`` rows and walks K: no split-K, so no partial sums in
 memory and no second launch; a [BLOCK_M, BLOCK_N, BLOCK_K] product summed over K in fp32, as cuBLAS accumulates.
@@ -17,7 +17,6 @@ import threading
 import torch
 import triton
 import triton.language as tl
-
 
 MAX_ROWS = 8  # above this a GEMM tile reuses each weight load across rows; cuBLAS is the right tool
 # (BLOCK_N, BLOCK_K, num_warps): narrow tiles give the many programs a weight stream needs on ~132 SMs
