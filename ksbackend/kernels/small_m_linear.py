@@ -30,14 +30,24 @@ def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_o
                           HAS_BIAS: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
-                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                    other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if BLOCK_M == 1:  # one row: multiply-add elementwise, reduce across threads once at the end, not every step
+        partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
+                        mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
+            partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc = tl.sum(partial, axis=1)[None, :]
+    else:  # [rows, cols, K] partial products would not fit in registers: reduce each step
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
+                        mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                        other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
