@@ -236,3 +236,33 @@ def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeyp
     report = str(ksbackend.explain())
     assert "executor fx (Inductor failed: RuntimeError: CantSplit" in report
     assert "running it as FX instead" in caplog.text
+
+
+def test_two_optimized_models_generating_in_two_threads_keep_their_own_steps():
+    """Each model's step context (KV pool, metadata) is its thread's: a deepcopy generating beside the original must
+    neither crash on the other's pool nor read its K/V."""
+    model = build_model(tiny_config("qwen3"))
+    first = optimized_copy(model)
+    second = copy.deepcopy(first)
+    work = [ragged_batch(lengths) for lengths in ([5, 3, 1], [2, 9], [7], [4, 4, 6])]
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = [model.generate(ids, attention_mask=mask, **kwargs) for ids, mask in work]
+    results, errors = {}, []
+    start = threading.Barrier(2)
+
+    def worker(name, optimized):
+        try:
+            start.wait()
+            for i, (ids, mask) in enumerate(work * 2):
+                results[name, i] = optimized.generate(ids, attention_mask=mask, **kwargs)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name, m)) for name, m in (("first", first), ("second", second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (name, i), out in results.items():
+        assert torch.equal(out, expected[i % len(work)]), (name, i)

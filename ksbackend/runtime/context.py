@@ -2,6 +2,7 @@
 runtime around each forward call and read by the op. Nothing per-step is baked into the graph."""
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,20 +17,27 @@ class ForwardContext:
     attention: Any = None  # the device attention backend (FlashInfer plans) for this step, or None
 
 
-_current: list[ForwardContext] = []
+class _ThreadContexts(threading.local):
+    """Each thread's stack of contexts: two optimized models generating in two threads each see their own step."""
+
+    def __init__(self):
+        self.stack: list[ForwardContext] = []
+
+
+_contexts = _ThreadContexts()
 
 
 @contextlib.contextmanager
 def forward_context(ctx: ForwardContext):
-    _current.append(ctx)
+    _contexts.stack.append(ctx)
     try:
         yield ctx
     finally:
-        _current.pop()
+        _contexts.stack.pop()
 
 
 def get_forward_context() -> ForwardContext:
-    if not _current:
+    if not _contexts.stack:
         raise RuntimeError("kernelstack::paged_attention ran outside a kernelstack step: it reads the KV pool from "
                            "the forward context that ksbackend.optimize(model)'s generate sets up")
-    return _current[-1]
+    return _contexts.stack[-1]
