@@ -8,6 +8,7 @@ what happened for the explain report, and hands what remains to Inductor (or run
 import collections
 import contextlib
 import logging
+import threading
 import time
 
 import torch
@@ -21,18 +22,31 @@ from .report import GLOBAL, GraphReport, Recorder
 
 log = logging.getLogger("ksbackend")
 
-_recorders = [GLOBAL]  # the global one, plus one per optimized model while it compiles
-_observers = []  # callables told of each graph compiled here: (report, the weight groups it packed)
+class _ThreadListeners(threading.local):
+    """Who hears of this thread's compiles and runtime decisions: two models generating in two threads each get
+    their own graphs and events in their reports."""
+
+    def __init__(self):
+        self.recorders = []  # one per optimized model generating (or compiling) in this thread
+        self.observers = []  # callables told of each graph compiled here: (report, the weight groups it packed)
+
+
+_listeners = _ThreadListeners()
+
+
+def _recorders():
+    """The global recorder, then this thread's."""
+    return [GLOBAL, *_listeners.recorders]
 
 
 @contextlib.contextmanager
 def recording_into(recorder):
     """Also record the graphs compiled inside this block into ``recorder`` (used by ``optimize``)."""
-    _recorders.append(recorder)
+    _listeners.recorders.append(recorder)
     try:
         yield
     finally:
-        _recorders.remove(recorder)
+        _listeners.recorders.remove(recorder)
 
 
 @contextlib.contextmanager
@@ -40,18 +54,18 @@ def observing_compiles(observer):
     """Call ``observer(report, packed)`` for each graph compiled inside this block; ``packed`` is the list of
     weight groups (each a list of the parameters themselves) laid out back to back for it. The compile cache
     stores both with a precompiled function, since a process that loads it never runs this backend."""
-    _observers.append(observer)
+    _listeners.observers.append(observer)
     try:
         yield
     finally:
-        _observers.remove(observer)
+        _listeners.observers.remove(observer)
 
 
 def record_event(message: str) -> None:
     """A decision made while a model runs (a kernel measured fastest for a shape): into the process-wide report
     and, inside ``recording_into``, the optimized model's own."""
     GLOBAL.event(message)
-    for recorder in _recorders[1:]:
+    for recorder in _listeners.recorders:
         if isinstance(recorder, Recorder):
             recorder.events.append(message)
 
@@ -59,7 +73,7 @@ def record_event(message: str) -> None:
 def add_loaded_graph(report: GraphReport) -> None:
     """Record a graph compiled by an earlier process (loaded whole from the compile cache) as if compiled here."""
     report.index = len(GLOBAL.graphs)
-    for recorder in _recorders:
+    for recorder in _recorders():
         recorder.add_graph(report)
 
 
@@ -142,9 +156,9 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
     packed = _pack_weights(gm, example_inputs)
     report.packed = len(packed)
     report.compile_ms = (time.perf_counter() - start) * 1e3
-    for recorder in _recorders:
+    for recorder in _recorders():
         recorder.add_graph(report)
-    for observer in _observers:
+    for observer in list(_listeners.observers):
         observer(report, packed)
     log.info("kernelstack compiled graph %d on %s: %s", report.index, device,
              ", ".join(f"{p.name}={len(p.matched)}" for p in report.passes))

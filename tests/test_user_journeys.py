@@ -266,3 +266,5 @@ def test_two_optimized_models_generating_in_two_threads_keep_their_own_steps():
     assert not errors, errors
     for (name, i), out in results.items():
         assert torch.equal(out, expected[i % len(work)]), (name, i)
+    graphs = [{id(g) for g in ksbackend.explain(m).graphs} for m in (first, second)]
+    assert all(graphs) and not graphs[0] & graphs[1]  # each report holds the graphs its own model compiled
