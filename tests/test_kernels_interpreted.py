@@ -191,3 +191,26 @@ def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_
         assert int(workspace.counts.abs().sum()) == 0
     if window_left < 0:  # (a 6-token window never splits)
         assert not workspace.part_ml.isnan().all()  # the long rows were split and merged, not one program each
+
+
+def test_threads_first_generating_one_chain_share_one_kernel():
+    """Two models first running a norm in two threads: one module, no clash over its file."""
+    import threading
+
+    from ksbackend.kernels import generator
+    from ksbackend.kernels.rms_norm import rms_norm_chain
+
+    chain = rms_norm_chain(True, 0.5, torch.float16, torch.float16)  # a structure no other test generates
+    generator._cache.pop(chain, None)
+    got, start = [], threading.Barrier(4)
+
+    def first_use():
+        start.wait()
+        got.append(generator.compile_chain(chain))
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(k is got[0] for k in got)

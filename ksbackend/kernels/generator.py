@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import threading
 
 import torch
 
@@ -29,6 +30,7 @@ _EXPRS = {
     "add_const": "{0} + {1}", "add_arg": "{0} + {1}",
 }
 _cache: dict = {}
+_cache_lock = threading.Lock()
 _CACHE_DIR = os.environ.get("KERNELSTACK_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), "kernelstack_kernels"))
 
 
@@ -65,9 +67,13 @@ def _render(chain, row: bool):
 
 
 def compile_chain(chain: tuple):
-    """The Triton kernel for ``chain`` (generated, written, imported once per structure)."""
-    if chain in _cache:
-        return _cache[chain]
+    """The Triton kernel for ``chain`` (generated, written, imported once per structure; one thread at a time, so
+    two models first running a chain in two threads share one module)."""
+    with _cache_lock:
+        return _cache[chain] if chain in _cache else _generate(chain)
+
+
+def _generate(chain: tuple):
     row = any(s[0] == "mean_sq" for s in chain)
     source, loads, vectors, outputs, args = _render(chain, row)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
