@@ -177,7 +177,8 @@ class KernelstackGenerate:
         message = f"kernelstack generate does not implement {', '.join(resolved)}: using Hugging Face's generate"
         warnings.warn(message, stacklevel=2)
         self.recorder.event(message, logging.WARNING)
-        return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
+        with self._lock:  # not during another thread's step on this model: it switches the attention to kernelstack's
+            return GenerationMixin.generate(self.model, inputs, generation_config, **kwargs)
 
     def score(self, prompts, targets):
         """Teacher-forced next-token log-probs along ``targets`` (see ``ModelRunner.score``)."""

@@ -2,6 +2,7 @@
 the same model untouched: HF's default generation settings, no length argument, deepcopy, threads,
 eos lists, batches larger than the pool or the batch limit, fp8 KV, the report's own words."""
 
+import collections
 import copy
 import logging
 import pathlib
@@ -9,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -268,3 +270,35 @@ def test_two_optimized_models_generating_in_two_threads_keep_their_own_steps():
         assert torch.equal(out, expected[i % len(work)]), (name, i)
     graphs = [{id(g) for g in ksbackend.explain(m).graphs} for m in (first, second)]
     assert all(graphs) and not graphs[0] & graphs[1]  # each report holds the graphs its own model compiled
+
+
+def test_a_fallback_generate_beside_a_fast_one_on_one_model_in_two_threads():
+    """Beam search goes to HF's generate; while another thread's fast-path step has the model's attention switched to
+    kernelstack's, that HF forward must not run (it would find no kernelstack step): calls on one model take turns."""
+    model = build_model(tiny_config("llama"))
+    optimized = optimized_copy(model)
+    ids, mask = ragged_batch([6, 3, 8])
+    fast = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    beams = dict(fast, num_beams=2)
+    expected = {"fast": model.generate(ids, **fast), "beams": model.generate(ids, **beams)}
+    results, errors = collections.defaultdict(list), []
+    start = threading.Barrier(2)
+
+    def worker(name, kwargs):
+        try:
+            start.wait()
+            for _ in range(6):
+                results[name].append(optimized.generate(ids, **kwargs))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warns on every call
+        threads = [threading.Thread(target=worker, args=item) for item in (("fast", fast), ("beams", beams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for name, outs in results.items():
+        assert len(outs) == 6 and all(torch.equal(out, expected[name]) for out in outs), name
