@@ -8,6 +8,7 @@ For kernelstack also the decode graph replayed alone and a profiler's kernel cou
 what the GPU does per step, beside what generate takes (the difference is what the host adds).
 """
 
+import contextlib
 import gc
 import os
 import time
@@ -150,34 +151,26 @@ def run_model(bw, out, results, name, batches, systems):
             extra = dict(cache_implementation="static") if system == "hf-static" else {}
             if system == "kernelstack-sampling":
                 extra = SAMPLING
-            if system == "cublas-gemm":  # every GEMM on cuBLAS: the small-M Triton GEMV's share of the step
-                os.environ["KERNELSTACK_SMALL_M_GEMV"] = "0"
-            if system in VARIANTS:
-                ksbackend.optimize(model, **VARIANTS[system])
-            try:
-                m, output = measure(model, ids, mask, **extra)
-            except Exception as exc:  # one system failing must not hide the others
-                print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
-                measured[system] = None
-                ksbackend.restore(model)
-                continue
-            m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            m["bw_util"] = step_bytes / (m["decode_ms"] * 1e-3) / bw
-            if system == "hf-eager":
-                reference = output
-            elif reference is not None and system != "kernelstack-sampling":
-                m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
-            if system in REPLAYED:
-                m["replay"] = replay_alone(model, lengths)
-                if m["replay"]:
-                    print(f"{system} kernels per replay:", m["replay"]["names"], flush=True)
-            if system == "kernelstack":
-                m["report"] = str(ksbackend.explain(model))
-                print(m["report"], flush=True)
-            if system in VARIANTS:
-                ksbackend.restore(model)
-                os.environ.pop("KERNELSTACK_SMALL_M_GEMV", None)
-                gc.collect()
+            with _configured(model, system):
+                try:
+                    m, output = measure(model, ids, mask, **extra)
+                except Exception as exc:  # one system failing must not hide the others
+                    print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
+                    measured[system] = None
+                    continue
+                m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                m["bw_util"] = step_bytes / (m["decode_ms"] * 1e-3) / bw
+                if system == "hf-eager":
+                    reference = output
+                elif reference is not None and system != "kernelstack-sampling":
+                    m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
+                if system in REPLAYED:
+                    m["replay"] = replay_alone(model, lengths)
+                    if m["replay"]:
+                        print(f"{system} kernels per replay:", m["replay"]["names"], flush=True)
+                if system == "kernelstack":
+                    m["report"] = str(ksbackend.explain(model))
+                    print(m["report"], flush=True)
             measured[system] = m
             print(f"{name} {label} {system}: {_summary(m)}", flush=True)
         results.append(dict(model=name, batch=batch, scenario=label, weights_bytes=weights, step_bytes=step_bytes,
@@ -185,6 +178,26 @@ def run_model(bw, out, results, name, batches, systems):
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _configured(model, system):
+    """``model`` as ``system`` runs it (optimized with the variant's options; for ``cublas-gemm`` every GEMM on
+    cuBLAS, to show the small-M Triton GEMV's share of the step), restored afterwards, also when it fails."""
+    import ksbackend
+
+    if system == "cublas-gemm":
+        os.environ["KERNELSTACK_SMALL_M_GEMV"] = "0"
+    if system in VARIANTS:
+        ksbackend.optimize(model, **VARIANTS[system])
+    try:
+        yield
+    finally:
+        if system in VARIANTS:
+            ksbackend.restore(model)
+            gc.collect()
+        if system == "cublas-gemm":
+            os.environ.pop("KERNELSTACK_SMALL_M_GEMV")
 
 
 def _summary(m):
