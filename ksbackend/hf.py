@@ -468,6 +468,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
     graphs = opts.cuda_graphs and device.type == "cuda" and attention is not None
     capacity = min(opts.max_batch_size, max(opts.decode_buckets)) if graphs else opts.max_batch_size
     width = pool.pages_for(max(cfg.max_position_embeddings, opts.page_size))
+
     def compiled(fn, path):
         traced = torch.compile(fn, backend=backend)
         if opts.trace_cache:  # a later process loads the trace too (experimental; falls back to ``traced``)
@@ -532,7 +533,7 @@ def _device_attention(model, pool, opts, recorder):
     except UnsupportedAttention as exc:
         recorder.event(f"paged attention runs the plain-torch reference on {pool.device}: {exc}", logging.WARNING)
         return None
-    recorder.event(f"paged attention: FlashInfer, decode kernel {attention.decode_kernel} "
+    recorder.event(f"paged attention: FlashInfer prefill, decode kernel {attention.decode_kernel} "
                    f"(decode_kernel={opts.decode_kernel!r}, KV {pool.dtype})")
     return attention
 

@@ -61,15 +61,17 @@ def register_cuda_kernels():
         ("add_rms_norm", _add_rms_norm, "generated Triton row kernel (residual add fused)"),
         ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
         ("rope", _rope, "Triton kernel (q and k in one launch)"),
-        ("sample", _sample, "Triton sampler (2 launches, no vocabulary sort: per-chunk shortlists, per-row warpers and draw)"),
+        ("sample", _sample,
+         "Triton sampler (2 launches, no vocabulary sort: per-chunk shortlists, per-row warpers and draw)"),
         ("rope_paged_attention", _rope_paged_attention,
-         "Triton RoPE + K/V append (one launch), then the step's FlashInfer attention kernel"),
+         "Triton RoPE + K/V append (one launch), then the step's attention kernel (the runtime report names it)"),
         ("linear_cat", _linear_cat, "one GEMM over weights laid out back to back: cuBLAS, or for 1-8 rows a "
-                                    "Triton GEMV where it measured faster at that shape (the runtime log names it)"),
+                                    "Triton GEMV where it measured faster at that shape (the runtime report names it)"),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
-    ops.register_implementation("paged_attention", "cuda", "FlashInfer (ragged/paged prefill; paged decode by the kernel the runtime report names)")
+    ops.register_implementation("paged_attention", "cuda", "FlashInfer prefill (ragged/paged); paged decode by the "
+                                                           "kernel the runtime report names")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
     ops.register_implementation("rope_cos_sin", "cuda", "torch ops, once per step (opaque to Inductor, "
                                                          "which would otherwise recompute the table per layer)")
