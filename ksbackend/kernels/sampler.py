@@ -347,15 +347,19 @@ def launch_shape(batch, vocab):
 
 
 def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,
-                  token_counts, allowed_bitmask, greedy, seed, offset, chunk=None, kmax=64, slots=128):
+                  token_counts, allowed_bitmask, greedy, seed, offset, chunk=None, kmax=64, slots=128, warps=None,
+                  row_warps=16):
     """The op on CUDA (or the Triton interpreter). ``chunk`` (tokens per program of launch 1), ``kmax`` (the depth the
     lists guarantee: top-k up to it never takes the full-row path) and ``slots`` (list length, room for the tokens the
     filter lets through beyond kmax) are powers of 2; tests shrink them to reach every path on small vocabularies.
+    ``warps`` and ``row_warps`` (the two launches' warps) are there for tuning sweeps.
     Shapes alone choose the launches: no host sync, so CUDA graphs capture it."""
     batch, vocab = logits.shape
-    warps = 4
     if chunk is None:
-        chunk, warps = launch_shape(batch, vocab)
+        chunk, default_warps = launch_shape(batch, vocab)
+    else:
+        default_warps = 4
+    warps = warps or default_warps
     n_chunks = triton.cdiv(vocab, chunk)
     dev = logits.device
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -382,5 +386,5 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
     _row_kernel[(batch,)](logits, counts, mask, *strides, *rows, best, best_idx, sums, floors, lists, top, out,
                           n_chunks, vocab, CHUNKS=chunks, GROUPS=min(256, chunks * slots),
                           BLOCK=min(1024, triton.next_power_of_2(vocab)),
-                          num_warps=16, **common)  # one program per row: wide, so its reductions are short
+                          num_warps=row_warps, **common)  # one program per row: wide, so its reductions are short
     return out
