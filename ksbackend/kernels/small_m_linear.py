@@ -98,7 +98,9 @@ class ShapeChoices:
         m, k = x2d.shape
         if m > MAX_ROWS or not weight.is_contiguous() or x2d.stride(1) != 1 or not gemv_enabled():
             return "cuBLAS"
-        key = (m, weight.shape[0], k, x2d.dtype, bias is not None, x2d.device.index)
+        # one decision per power-of-2 row bucket: an eager step of 5 rows and the graph captured for 8 must run
+        # the same kernel (same BLOCK_M), or sampling from their logits drifts apart
+        key = (triton.next_power_of_2(m), weight.shape[0], k, x2d.dtype, bias is not None, x2d.device.index)
         with self.lock:
             if key in self.winners:
                 return self.winners[key][0]
@@ -116,7 +118,7 @@ class ShapeChoices:
         """The shape, its winner and the winner's time against cuBLAS's."""
         m, n, k, dtype = key[:4]
         name, times = self.winners[key]
-        return (f"M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {name}, {times[name]:.1f} us "
+        return (f"M<={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {name}, {times[name]:.1f} us "
                 f"(cuBLAS {times['cuBLAS']:.1f} us)")
 
 
