@@ -48,13 +48,20 @@ def test_generated_rms_norm(rows, hidden, dtype, gemma):
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 37)])
-def test_generated_act_and_mul(activation, dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 37), (2, 1, 2100)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_generated_act_and_mul(activation, dtype, shape, fused):
+    """Separate tensors, and (fused) the two halves of one gate_up output: strided rows, read in place."""
     from ksbackend.kernels.act_and_mul import act_and_mul_triton
 
     dev = device_for_test()
-    gate, up = torch.randn(shape, dtype=dtype, device=dev) * 3, torch.randn(shape, dtype=dtype, device=dev)
-    torch.testing.assert_close(act_and_mul_triton(gate, up, activation), act_and_mul_reference(gate, up, activation), **TOL[dtype])
+    if fused:
+        gate, up = (torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=dev) * 3).chunk(2, dim=-1)
+    else:
+        gate, up = torch.randn(shape, dtype=dtype, device=dev) * 3, torch.randn(shape, dtype=dtype, device=dev)
+    out = act_and_mul_triton(gate, up, activation)
+    assert out.shape == gate.shape and out.is_contiguous()
+    torch.testing.assert_close(out, act_and_mul_reference(gate, up, activation), **TOL[dtype])
 
 
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (3, 1, 24), (8, 8, 64)])
@@ -108,6 +115,7 @@ def test_rope_append_kernel_writes_what_rope_then_pool_write_would(hq, hk, d, pa
 
 
 def test_generated_kernels_are_cached_by_chain_structure():
+    from ksbackend.kernels.act_and_mul import act_and_mul_chain
     from ksbackend.kernels.generator import compile_chain
     from ksbackend.kernels.rms_norm import rms_norm_chain
 
@@ -115,9 +123,12 @@ def test_generated_kernels_are_cached_by_chain_structure():
     assert compile_chain(rms_norm_chain(True, 0.0, torch.bfloat16, torch.bfloat16)) is llama
     gemma = compile_chain(rms_norm_chain(True, 1.0, None, torch.bfloat16))
     assert gemma is not llama and "+ 1.0" in gemma.source and "tl.sum" in gemma.source
-    grid, block, warps = llama.launch_shape(4096, 4096 * 8)
+    grid, block, warps = llama.launch_shape(4096, 8)  # 8 rows of 4096
     assert grid == (8,) and block == 4096 and warps == 16
-    assert llama.launch_shape(2048, 2048)[1:] == (2048, 8)
+    assert llama.launch_shape(2048, 1)[1:] == (2048, 8)
+    silu = compile_chain(act_and_mul_chain("silu", torch.bfloat16))  # pointwise: (rows, column blocks)
+    assert "tl.sum" not in silu.source and silu.launch_shape(8192, 32) == ((32, 8), 1024, 4)
+    assert silu.launch_shape(37, 3) == ((3, 1), 64, 4)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 19, 37), (3, 40, 300), (8, 5, 1030)])
@@ -125,13 +136,15 @@ def test_generated_kernels_are_cached_by_chain_structure():
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bias):
     """Every tile the shape choice may pick, at shapes no tile divides, against F.linear (fp32 accumulation both)."""
-    from ksbackend.kernels.small_m_linear import TILES, small_m_linear_triton
+    from ksbackend.kernels.small_m_linear import TILE_BY_NAME, candidate_names, small_m_linear_triton
 
     dev = device_for_test()
     x, w = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev) / k**0.5
     b = torch.randn(n, dtype=dtype, device=dev) if bias else None
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
-    for tile in TILES:
+    tiles = [TILE_BY_NAME[name] for name in candidate_names(m) if name.startswith("Triton")]
+    assert len(tiles) == (6 if m == 1 else 4)
+    for tile in tiles:
         torch.testing.assert_close(small_m_linear_triton(x, w, b, tile), ref, **TOL[dtype])
 
 

@@ -40,20 +40,17 @@ def _render(chain, row: bool):
     stores = [s[1] for s in chain if s[0] == "store"]
     args = sorted({s[3] for s in chain if s[0] == "add_arg"})
     params = [f"{n}_ptr" for n in loads + vectors + stores] + [f"{n}_stride" for n in loads + stores] + ["n_cols"] + args
-    body = []
-    if row:
-        body += ["row = tl.program_id(0).to(tl.int64)", "cols = tl.arange(0, BLOCK)", "mask = cols < n_cols"]
-    else:
-        body += ["offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)", "mask = offs < n_cols"]
+    # row chains: one program per row; pointwise: a grid of (row, block of columns)
+    first_col = "0" if row else "tl.program_id(1).to(tl.int64) * BLOCK"
+    body = ["row = tl.program_id(0).to(tl.int64)", f"cols = {first_col} + tl.arange(0, BLOCK)", "mask = cols < n_cols"]
     for stmt in chain:
         op = stmt[0]
         if op == "load":
-            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols" if row else f"{stmt[1]}_ptr + offs"
-            body.append(f"{stmt[1]} = tl.load({where}, mask=mask, other=0.0)")
+            body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + row * {stmt[1]}_stride + cols, mask=mask, other=0.0)")
         elif op == "load_vec":
             body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + cols, mask=mask, other=0.0)")
         elif op == "store":
-            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols" if row else f"{stmt[1]}_ptr + offs"
+            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols"
             body.append(f"tl.store({where}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")
         elif op == "cast":
             body.append(f"{stmt[1]} = {stmt[2]}.to({_TL_DTYPES[stmt[3]]}).to(tl.float32)")
@@ -100,19 +97,19 @@ class GeneratedKernel:
         self.fn, self.row, self.source = fn, row, source
         self.loads, self.vectors, self.outputs, self.args = loads, vectors, outputs, args
 
-    def launch_shape(self, n_cols, total):
+    def launch_shape(self, n_cols, rows):
         """Row kernels: the whole row in one block, more warps for longer rows (one warp per ~256
         elements keeps ~8 live values per thread). Pointwise: 1K or 4K-element blocks by size."""
         if self.row:
             block = next_power_of_2(n_cols)
-            return (total // n_cols,), block, max(1, min(16, block // 256))
-        block = 1024 if total < 1 << 20 else 4096
-        return ((total + block - 1) // block,), block, 4 if block == 1024 else 8
+            return (rows,), block, max(1, min(16, block // 256))
+        block = min(1024 if rows * n_cols < 1 << 20 else 4096, next_power_of_2(n_cols))
+        return (rows, (n_cols + block - 1) // block), block, 4 if block <= 1024 else 8
 
     def __call__(self, tensors: dict, n_cols: int, **scalars):
-        """tensors: name -> tensor. Row chains: [rows, n_cols] views with unit column stride (vectors
-        [n_cols]); pointwise chains: flat contiguous tensors and n_cols = their length."""
-        grid, block, warps = self.launch_shape(n_cols, tensors[self.outputs[0]].numel())
+        """tensors: name -> [rows, n_cols] views with unit column stride (vectors [n_cols]). Row strides are
+        free: the halves of a fused gate_up output run in place, with no copy."""
+        grid, block, warps = self.launch_shape(n_cols, tensors[self.outputs[0]].shape[0])
         pointers = [tensors[n] for n in self.loads + self.vectors + self.outputs]
-        strides = [tensors[n].stride(0) if self.row else 0 for n in self.loads + self.outputs]
+        strides = [tensors[n].stride(0) for n in self.loads + self.outputs]
         self.fn[grid](*pointers, *strides, n_cols, *[scalars[a] for a in self.args], BLOCK=block, num_warps=warps)
