@@ -148,6 +148,25 @@ def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bi
         torch.testing.assert_close(small_m_linear_triton(x, w, b, tile), ref, **TOL[dtype])
 
 
+def test_gemm_choice_is_not_fooled_by_a_gpu_that_speeds_up_while_it_times(monkeypatch):
+    """Clocks still rising after a compile: each timing is 3 us faster than the one before. Timed one candidate
+    after the other, the last would win; in forward-and-backward rounds, the truly fastest (cuBLAS mv) does."""
+    from ksbackend.kernels import small_m_linear
+
+    true_us = {"cuBLAS": 12.0, "cuBLAS mv": 10.0, **{name: 11.0 for name in small_m_linear.TILE_BY_NAME}}
+    calls = []
+
+    def drifting(run, rep=10):
+        calls.append(run.args[0])
+        return true_us[run.args[0]] + 200.0 - 3.0 * len(calls)
+
+    monkeypatch.setattr(small_m_linear, "time_us", drifting)
+    names = small_m_linear.candidate_names(1)
+    times = small_m_linear.time_candidates(names, None, None, None)
+    assert min(times, key=times.get) == "cuBLAS mv"
+    assert len(calls) == (2 * small_m_linear.PAIRS + 1) * len(names) and calls[:len(names)] == names
+
+
 @pytest.mark.cuda
 def test_on_cuda_linear_cat_times_each_shape_once_and_keeps_the_winner():
     from ksbackend.kernels.small_m_linear import SHAPE_CHOICES

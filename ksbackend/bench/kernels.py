@@ -135,7 +135,7 @@ PROJECTIONS = [("Llama-3.2-1B", "qkv", 3072, 2048), ("Llama-3.2-1B", "gate_up", 
 def small_m_gemm(bw, out):
     """cuBLAS against the Triton GEMV tiles at decode shapes, L2 flushed before each call (as in a decode step):
     the measurement ``linear_cat`` repeats per shape to pick its kernel."""
-    from ksbackend.kernels.small_m_linear import candidate_names, run_candidate, time_us
+    from ksbackend.kernels.small_m_linear import candidate_names, time_candidates
 
     def rows():
         for model, proj, n, k in PROJECTIONS:
@@ -143,7 +143,7 @@ def small_m_gemm(bw, out):
             bias = torch.randn(n, **BF16) if "bias" in proj else None
             for m in (1, 4, 8):
                 x = torch.randn(m, k, **BF16)
-                times = {name: time_us(lambda: run_candidate(name, x, weight, bias)) for name in candidate_names(m)}
+                times = time_candidates(candidate_names(m), x, weight, bias)
                 best = min(times, key=times.get)
                 triton_best = min((t for name, t in times.items() if name.startswith("Triton")))
                 floor = n * k * 2 / bw * 1e6
