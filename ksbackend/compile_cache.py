@@ -414,9 +414,22 @@ def _foreign_methods_hidden(model):
             setattr(model, name, value)
 
 
+HUB_KERNEL_WRAPPERS = ("transformers wrapped its modules for hub kernels (kernels.use_kernelized_func; transformers "
+                       "depends on the kernels package from 5.2x): their private wrappers are classes defined in a "
+                       "function body, which torch cannot store")
+
+
+def hub_kernel_wrapped(model) -> list:
+    """The modules of ``model`` that ``kernels.use_kernelized_func`` wrapped (their ``_kernel_funcs``)."""
+    return [m for m in model.modules() if "_kernel_funcs" in vars(m)]
+
+
 def _unstorable(fn, model) -> str | None:
     """Why ``fn``'s module cannot be handed back on load (None when it can): it must reach ``model`` through its
-    closure, and no other module (a module global's guards are dropped, and would not load)."""
+    closure, and no other module (a module global's guards are dropped, and would not load); and torch must be
+    able to store what it holds."""
+    if hub_kernel_wrapped(model):
+        return HUB_KERNEL_WRAPPERS
     cells = [c.cell_contents for c in fn.__closure__ or ()]
     globals_ = [fn.__globals__.get(name) for name in fn.__code__.co_names]
     if not any(value is model for value in cells):

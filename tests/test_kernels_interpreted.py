@@ -52,13 +52,15 @@ def test_generated_rms_norm(rows, hidden, dtype, gemma):
 @pytest.mark.parametrize("fused", [False, True])
 def test_generated_act_and_mul(activation, dtype, shape, fused):
     """Separate tensors, and (fused) the two halves of one gate_up output: strided rows, read in place."""
-    from ksbackend.kernels.act_and_mul import act_and_mul_triton
+    from ksbackend.kernels.act_and_mul import _rows, act_and_mul_triton
 
     dev = device_for_test()
     if fused:
         gate, up = (torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=dev) * 3).chunk(2, dim=-1)
     else:
         gate, up = torch.randn(shape, dtype=dtype, device=dev) * 3, torch.randn(shape, dtype=dtype, device=dev)
+    if fused:  # read in place: the views handed to the kernel are the halves themselves
+        assert _rows(gate).data_ptr() == gate.data_ptr() and _rows(up).data_ptr() == up.data_ptr()
     out = act_and_mul_triton(gate, up, activation)
     assert out.shape == gate.shape and out.is_contiguous()
     torch.testing.assert_close(out, act_and_mul_reference(gate, up, activation), **TOL[dtype])
@@ -129,9 +131,11 @@ def test_generated_kernels_are_cached_by_chain_structure():
     silu = compile_chain(act_and_mul_chain("silu", torch.bfloat16))  # pointwise: (rows, column blocks)
     assert "tl.sum" not in silu.source and silu.launch_shape(8192, 32) == ((32, 8), 1024, 4)
     assert silu.launch_shape(37, 3) == ((3, 1), 64, 4)
+    with pytest.raises(ValueError, match="unit column stride"):  # the flat layout of old is refused, not misread
+        silu({"g": torch.ones(8), "u": torch.ones(8), "out": torch.empty(8)}, 8)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 19, 37), (3, 40, 300), (8, 5, 1030)])
+@pytest.mark.parametrize("m,n,k", [(1, 19, 37), (1, 7, 4200), (3, 40, 300), (8, 5, 1030)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bias):
@@ -165,6 +169,34 @@ def test_gemm_choice_is_not_fooled_by_a_gpu_that_speeds_up_while_it_times(monkey
     times = small_m_linear.time_candidates(names, None, None, None)
     assert min(times, key=times.get) == "cuBLAS mv"
     assert len(calls) == (2 * small_m_linear.PAIRS + 1) * len(names) and calls[:len(names)] == names
+
+
+def test_threads_meeting_a_new_shape_time_it_once_and_agree(monkeypatch):
+    """Four threads first use one shape together: one timing runs, and every thread gets its winner."""
+    import threading
+
+    from ksbackend.kernels import small_m_linear
+
+    timings = []
+
+    def slow_timing(names, x2d, weight, bias):
+        timings.append(threading.get_ident())
+        threading.Event().wait(0.2)
+        return {name: 1.0 + i for i, name in enumerate(reversed(names))}
+
+    monkeypatch.setattr(small_m_linear, "time_candidates", slow_timing)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU tensors stand in here
+    choices = small_m_linear.ShapeChoices()
+    x, w = torch.randn(3, 64), torch.randn(32, 64)
+    picked = []
+    threads = [threading.Thread(target=lambda: picked.append(choices.choose(x, w, None))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    last = small_m_linear.candidate_names(3)[-1]
+    assert len(timings) == 1 and picked == [last] * 4
+    assert list(choices.winners) == [(4, 32, 64, torch.float32, False, None)]
 
 
 @pytest.mark.cuda

@@ -124,6 +124,44 @@ def sampler(bw, out):
            "vs HF", "vs flashinfer"], rows())
 
 
+def sampler_launches(bw, out):
+    """The fused sampler split into its two launches (profiler), at the default launch shape and the sweep's
+    alternatives: where its time goes, by batch size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ksbackend.kernels.sampler import sample_triton
+    from ksbackend.ops.sampling import SamplingParams
+
+    shapes = [dict(), dict(chunk=2048, warps=4, row_warps=16), dict(chunk=4096, warps=8, row_warps=16)]
+
+    def per_launch(call):
+        call()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(50):
+                call()
+            torch.cuda.synchronize()
+        return {e.key: e.device_time_total / e.count for e in prof.key_averages()
+                if e.device_type.name == "CUDA" and e.count >= 50}
+
+    def rows():
+        for batch in (1, 32):
+            logits = torch.randn(batch, 128256, device="cuda") * 3
+            p = SamplingParams.from_values(batch, "cuda", temperature=0.7, top_k=50, top_p=0.9)
+            seed, offset = torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda")
+            for shape in shapes:
+                def call():
+                    return sample_triton(logits, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                                         p.frequency_penalty, p.presence_penalty, None, None, p.greedy, seed, offset,
+                                         **shape)
+                launches = per_launch(call)
+                us = [f"{launches[name]:.1f}" if name in launches else "-" for name in ("_chunk_kernel", "_row_kernel")]
+                yield [batch, shape or "default", f"{bench_us(call):.1f}", *us]
+
+    table(out, "The fused sampler by launch (V 128256, T 0.7, top-k 50, top-p 0.9), microseconds",
+          ["batch", "launch shape", "total (CUDA graph)", "launch 1: chunk lists", "launch 2: row merge + draw"],
+          rows())
+
+
 # (model, projection, N, K) at the decode shapes of the benchmark models: the fused ones go through linear_cat
 PROJECTIONS = [("Llama-3.2-1B", "qkv", 3072, 2048), ("Llama-3.2-1B", "gate_up", 16384, 2048),
                ("Llama-3.2-1B", "o", 2048, 2048), ("Llama-3.2-1B", "down", 2048, 8192),
@@ -161,4 +199,5 @@ def run(bw, out):
     rope(bw, out)
     silu_and_mul(bw, out)
     sampler(bw, out)
+    sampler_launches(bw, out)
     small_m_gemm(bw, out)

@@ -24,6 +24,8 @@ def _rows(t):
 
 def act_and_mul_triton(gate, up, activation):
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    if out.numel() == 0:
+        return out
     kernel = compile_chain(act_and_mul_chain(activation, gate.dtype))
     kernel({"g": _rows(gate), "u": _rows(up), "out": out.view(-1, out.shape[-1])}, out.shape[-1])
     return out

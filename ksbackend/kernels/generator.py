@@ -6,7 +6,7 @@ A chain is a tuple of SSA statements over named inputs, e.g. RMSNorm with its re
     ("f32", "sf", "s"), ("mean_sq", "var", "sf"), ("add_arg", "ve", "var", "eps"), ("rsqrt", "inv", "ve"), ...
 
 Row chains (with a reduction) run one program per row with the whole row in registers; pointwise
-chains run over flat blocks. The generated source is written to a cache directory and imported (Triton
+chains run a grid of (row, block of columns). Both take [rows, n_cols] views with any row stride. The generated source is written to a cache directory and imported (Triton
 needs real source files), and compiled kernels are cached by the chain's structure, so every model
 whose chain has the same shape shares one kernel. Launch shapes (block, warps) are chosen per call
 from the row length, never fixed in the source.
@@ -99,7 +99,8 @@ class GeneratedKernel:
 
     def launch_shape(self, n_cols, rows):
         """Row kernels: the whole row in one block, more warps for longer rows (one warp per ~256
-        elements keeps ~8 live values per thread). Pointwise: 1K or 4K-element blocks by size."""
+        elements keeps ~8 live values per thread). Pointwise: blocks of 1K columns (4K for 1M elements and
+        more), never wider than the row."""
         if self.row:
             block = next_power_of_2(n_cols)
             return (rows,), block, max(1, min(16, block // 256))
@@ -109,6 +110,11 @@ class GeneratedKernel:
     def __call__(self, tensors: dict, n_cols: int, **scalars):
         """tensors: name -> [rows, n_cols] views with unit column stride (vectors [n_cols]). Row strides are
         free: the halves of a fused gate_up output run in place, with no copy."""
+        for name in self.loads + self.outputs:
+            t = tensors[name]
+            if t.dim() != 2 or t.shape[1] != n_cols or (n_cols > 1 and t.stride(1) != 1):
+                raise ValueError(f"generated kernel: {name} must be [rows, {n_cols}] with unit column stride, "
+                                 f"not {tuple(t.shape)} with strides {t.stride()}")
         grid, block, warps = self.launch_shape(n_cols, tensors[self.outputs[0]].shape[0])
         pointers = [tensors[n] for n in self.loads + self.vectors + self.outputs]
         strides = [tensors[n].stride(0) for n in self.loads + self.outputs]

@@ -98,24 +98,30 @@ class ShapeChoices:
     """The measured winner per (M, N, K, dtype, bias, device), by candidate name."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards ``winners``
+        self.timing = threading.Lock()  # one shape timed at a time: two threads would spoil each other's timings
         self.winners = {}  # key -> (name, {candidate: microseconds})
 
     def choose(self, x2d, weight, bias):
         m, k = x2d.shape
-        if m > MAX_ROWS or not weight.is_contiguous() or x2d.stride(1) != 1 or not gemv_enabled():
+        if not 0 < m <= MAX_ROWS or not weight.is_contiguous() or x2d.stride(1) != 1 or not gemv_enabled():
             return "cuBLAS"
-        # one decision per power-of-2 row bucket: an eager step of 5 rows and the graph captured for 8 must run
-        # the same kernel (same BLOCK_M), or sampling from their logits drifts apart
+        # one decision per power-of-2 row bucket: an eager step of 5 rows and the graph captured for 8 run the same
+        # kernel (a Triton tile uses one BLOCK_M for both, so their rows come out bitwise equal), or sampling from
+        # their logits drifts apart
         key = (triton.next_power_of_2(m), weight.shape[0], k, x2d.dtype, bias is not None, x2d.device.index)
         with self.lock:
             if key in self.winners:
                 return self.winners[key][0]
         if torch.cuda.is_current_stream_capturing():
             return "cuBLAS"  # cannot time inside a capture; the warm-up calls before it normally decide
-        times = time_candidates(candidate_names(m), x2d, weight, bias)
-        with self.lock:
-            self.winners[key] = (min(times, key=times.get), times)
+        with self.timing:
+            with self.lock:
+                if key in self.winners:  # another thread timed it meanwhile
+                    return self.winners[key][0]
+            times = time_candidates(candidate_names(m), x2d, weight, bias)
+            with self.lock:
+                self.winners[key] = (min(times, key=times.get), times)
         from ..backend import record_event
 
         record_event(f"linear {self.describe(key)}")
