@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -414,22 +415,49 @@ def _foreign_methods_hidden(model):
             setattr(model, name, value)
 
 
-HUB_KERNEL_WRAPPERS = ("transformers wrapped its modules for hub kernels (kernels.use_kernelized_func; transformers "
-                       "depends on the kernels package from 5.2x): their private wrappers are classes defined in a "
-                       "function body, which torch cannot store")
-
-
 def hub_kernel_wrapped(model) -> list:
-    """The modules of ``model`` that ``kernels.use_kernelized_func`` wrapped (their ``_kernel_funcs``)."""
-    return [m for m in model.modules() if "_kernel_funcs" in vars(m)]
+    """The modules of ``model`` that ``kernels.use_kernelized_func`` wrapped: transformers (5.2x, with the
+    ``kernels`` package it depends on) decorates attention with it. Each holds private wrappers of a class defined
+    in a function body, which torch cannot store ("defined in local scope"), and its forward only routes calls to
+    them."""
+    return [m for m in model.modules() if "_kernel_funcs" in vars(m) and hasattr(type(m).forward, "__wrapped__")]
+
+
+class _UnwrappedForward:
+    """A wrapped module's forward without the hub-kernel routing: the function ``kernels.use_kernelized_func``
+    wrapped. An instance (not a bound method) because Dynamo pickles the module for its guards, and a bound
+    method would come back as the class's wrapped forward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return type(self.module).forward.__wrapped__(self.module, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _hub_kernel_wrappers_off(modules):
+    """``modules`` (from ``hub_kernel_wrapped``) as plain modules: their private wrappers set aside and their
+    forward unwrapped, which calls the same functions while nothing is kernelized. A stored function is traced,
+    stored, loaded, guard-checked and run this way in every process, so its guards always meet the modules as
+    they were traced; nested uses change nothing."""
+    hidden = [(m, m.__dict__.pop("_kernel_funcs"), m.__dict__.pop("forward", None)) for m in modules
+              if "_kernel_funcs" in vars(m)]
+    for m, _, _ in hidden:
+        m.forward = _UnwrappedForward(m)
+    try:
+        yield
+    finally:
+        for m, funcs, own_forward in hidden:
+            del m.forward
+            if own_forward is not None:
+                m.forward = own_forward
+            m._kernel_funcs = funcs
 
 
 def _unstorable(fn, model) -> str | None:
     """Why ``fn``'s module cannot be handed back on load (None when it can): it must reach ``model`` through its
-    closure, and no other module (a module global's guards are dropped, and would not load); and torch must be
-    able to store what it holds."""
-    if hub_kernel_wrapped(model):
-        return HUB_KERNEL_WRAPPERS
+    closure, and no other module (a module global's guards are dropped, and would not load)."""
     cells = [c.cell_contents for c in fn.__closure__ or ()]
     globals_ = [fn.__globals__.get(name) for name in fn.__code__.co_names]
     if not any(value is model for value in cells):
@@ -459,6 +487,7 @@ class PrecompiledFunction:
         self.fallback = fallback if fallback is not None else torch.compile(fn, backend=backend)
         self._torchdynamo_orig_callable = fn  # as on torch.compile's wrapper (hf's labels read its code)
         self.entries: list[_Entry] = []
+        self.hub_wrapped = hub_kernel_wrapped(model)
         self.off = ("the compile cache is off" if not cache.stats.enabled
                     else precompile_unavailable() or _unstorable(fn, model))
         if cache.stats.enabled and self.off:
@@ -470,19 +499,19 @@ class PrecompiledFunction:
         return self.cache.path / PRECOMPILED.format(self.name)
 
     def __call__(self, *args):
-        if not self._loaded:
-            self._load()
         plain = tuple(map(_unmarked, args))
-        for entry in self.entries:
-            if entry.function.guard_check(*plain):
-                return self._run(entry, plain)
-        if self.off is not None or len(self.entries) >= self.limit:
-            return self.fallback(*args)
-        entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
-        if entry is not None and entry.function.guard_check(*plain):
-            return self._run(entry, plain)
-        if entry is not None:
-            self._turn_off("a fresh entry's guards reject the call it was compiled for")
+        with _hub_kernel_wrappers_off(self.hub_wrapped):
+            if not self._loaded:
+                self._load()
+            for entry in self.entries:
+                if entry.function.guard_check(*plain):
+                    return self._run(entry, plain)
+            if self.off is None and len(self.entries) < self.limit:
+                entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
+                if entry is not None and entry.function.guard_check(*plain):
+                    return self._run(entry, plain)
+                if entry is not None:
+                    self._turn_off("a fresh entry's guards reject the call it was compiled for")
         return self.fallback(*args)
 
     def _run(self, entry, args):
