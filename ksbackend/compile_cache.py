@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
 import torch

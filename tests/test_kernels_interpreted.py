@@ -160,7 +160,7 @@ def test_gemm_choice_is_not_fooled_by_a_gpu_that_speeds_up_while_it_times(monkey
     true_us = {"cuBLAS": 12.0, "cuBLAS mv": 10.0, **{name: 11.0 for name in small_m_linear.TILE_BY_NAME}}
     calls = []
 
-    def drifting(run, rep=10):
+    def drifting(run):
         calls.append(run.args[0])
         return true_us[run.args[0]] + 200.0 - 3.0 * len(calls)
 

@@ -6,10 +6,11 @@ A chain is a tuple of SSA statements over named inputs, e.g. RMSNorm with its re
     ("f32", "sf", "s"), ("mean_sq", "var", "sf"), ("add_arg", "ve", "var", "eps"), ("rsqrt", "inv", "ve"), ...
 
 Row chains (with a reduction) run one program per row with the whole row in registers; pointwise
-chains run a grid of (row, block of columns). Both take [rows, n_cols] views with any row stride. The generated source is written to a cache directory and imported (Triton
-needs real source files), and compiled kernels are cached by the chain's structure, so every model
-whose chain has the same shape shares one kernel. Launch shapes (block, warps) are chosen per call
-from the row length, never fixed in the source.
+chains run a grid of (row, block of columns). Both take [rows, n_cols] views with any row stride.
+The generated source is written to a cache directory and imported (Triton needs real source files),
+and compiled kernels are cached by the chain's structure, so every model whose chain has the same
+shape shares one kernel. Launch shapes (block, warps) are chosen per call from the row length, never
+fixed in the source.
 """
 
 import hashlib
@@ -45,13 +46,13 @@ def _render(chain, row: bool):
     body = ["row = tl.program_id(0).to(tl.int64)", f"cols = {first_col} + tl.arange(0, BLOCK)", "mask = cols < n_cols"]
     for stmt in chain:
         op = stmt[0]
+        at = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols"  # a load's or a store's addresses
         if op == "load":
-            body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + row * {stmt[1]}_stride + cols, mask=mask, other=0.0)")
+            body.append(f"{stmt[1]} = tl.load({at}, mask=mask, other=0.0)")
         elif op == "load_vec":
             body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + cols, mask=mask, other=0.0)")
         elif op == "store":
-            where = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols"
-            body.append(f"tl.store({where}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")
+            body.append(f"tl.store({at}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")
         elif op == "cast":
             body.append(f"{stmt[1]} = {stmt[2]}.to({_TL_DTYPES[stmt[3]]}).to(tl.float32)")
         elif op == "mean_sq":

@@ -355,10 +355,7 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
     ``warps`` and ``row_warps`` (the two launches' warps) are there for tuning sweeps.
     Shapes alone choose the launches: no host sync, so CUDA graphs capture it."""
     batch, vocab = logits.shape
-    if chunk is None:
-        chunk, default_warps = launch_shape(batch, vocab)
-    else:
-        default_warps = 4
+    chunk, default_warps = launch_shape(batch, vocab) if chunk is None else (chunk, 4)
     warps = warps or default_warps
     n_chunks = triton.cdiv(vocab, chunk)
     dev = logits.device

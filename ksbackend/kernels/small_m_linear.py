@@ -27,7 +27,6 @@ TILES = ((4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
 # has more weight bytes in flight (the 3072 x 2048 qkv ran at 39% of the copy bandwidth with the tiles above)
 WIDE_TILES = ((4, 2048, 4), (8, 2048, 8))
 TILE_BY_NAME = {f"Triton {n}x{k}/{w}": (n, k, w) for n, k, w in TILES + WIDE_TILES}
-WIDE_NAMES = [f"Triton {n}x{k}/{w}" for n, k, w in WIDE_TILES]
 
 
 @triton.jit
@@ -81,8 +80,9 @@ def gemv_enabled() -> bool:
 def candidate_names(m):
     """What ``choose`` times for ``m`` rows: cuBLAS's GEMM, its matrix-vector routine and the wide tiles at one row
     (the first a different kernel family from the one cuBLAS's GEMM heuristic picks), and each Triton tile."""
-    one_row = ["cuBLAS mv", *WIDE_NAMES] if m == 1 else []
-    return ["cuBLAS", *one_row, *(name for name in TILE_BY_NAME if name not in WIDE_NAMES)]
+    tiles = [name for name, tile in TILE_BY_NAME.items() if tile not in WIDE_TILES]
+    one_row = ["cuBLAS mv", *(name for name, tile in TILE_BY_NAME.items() if tile in WIDE_TILES)] if m == 1 else []
+    return ["cuBLAS", *one_row, *tiles]
 
 
 def run_candidate(name, x2d, weight, bias):
@@ -135,10 +135,11 @@ class ShapeChoices:
                 f"(cuBLAS {times['cuBLAS']:.1f} us)")
 
 
-def time_us(fn, rep=10):
-    """Median microseconds per call with the L2 cache flushed before each (a decode step streams every other
-    weight between two calls of one shape, so a weight never comes from L2; back to back, a 12 MB one would)."""
-    return triton.testing.do_bench(fn, warmup=2, rep=rep, return_mode="median") * 1e3
+def time_us(fn):
+    """Median microseconds per call over ~2 ms of calls (``time_candidates`` repeats it in rounds), the L2 cache
+    flushed before each (a decode step streams every other weight between two calls of one shape, so a weight
+    never comes from L2; back to back, a 12 MB one would)."""
+    return triton.testing.do_bench(fn, warmup=2, rep=2, return_mode="median") * 1e3
 
 
 PAIRS = 3
@@ -152,11 +153,11 @@ def time_candidates(names, x2d, weight, bias):
     (a linear drift adds the same to every candidate's pair mean), and the median pair mean counts."""
     runs = {name: functools.partial(run_candidate, name, x2d, weight, bias) for name in names}
     for run in runs.values():
-        time_us(run, rep=2)  # warm-up round: compiles, wakes the clocks; discarded
+        time_us(run)  # warm-up round: compiles, wakes the clocks; discarded
     pair_means = {name: [] for name in names}
     for _ in range(PAIRS):
-        forward = {name: time_us(run, rep=2) for name, run in runs.items()}
-        backward = {name: time_us(runs[name], rep=2) for name in reversed(names)}
+        forward = {name: time_us(run) for name, run in runs.items()}
+        backward = {name: time_us(runs[name]) for name in reversed(names)}
         for name in names:
             pair_means[name].append((forward[name] + backward[name]) / 2)
     return {name: statistics.median(means) for name, means in pair_means.items()}
