@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import operator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -164,12 +165,16 @@ class GraphPass:
         raise NotImplementedError
 
     def source_hash(self) -> str:
-        """Stable hash of the pass's source: it changes exactly when the rewrite can change (feeds caches)."""
+        """Stable hash of the file that defines the pass, with its name: it changes whenever the rewrite can
+        change (feeds caches). Not ``inspect.getsource`` of the class: that parses the file into an AST, and
+        CPython 3.11 builds ASTs with a counter shared by all threads, so two models building their runtimes in
+        two threads, beside Dynamo's own parsing, raised "AST constructor recursion depth mismatch"."""
+        cls = type(self)
         try:
-            source = inspect.getsource(type(self))
+            source = Path(inspect.getsourcefile(cls)).read_text()
         except (OSError, TypeError):
-            source = type(self).__qualname__
-        return hashlib.sha256(source.encode()).hexdigest()[:16]
+            source = ""
+        return hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}\n{source}".encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
