@@ -13,6 +13,9 @@ from ksbackend.ops.norm import rms_norm_reference
 from ksbackend.ops.rope import rotate_half
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from ksbackend.kernels.sampler import _survivors  # noqa: E402
+
 ks = torch.ops.kernelstack
 CPU_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -285,3 +288,41 @@ def test_threads_first_generating_one_chain_share_one_kernel():
     for t in threads:
         t.join()
     assert len(got) == 4 and all(k is got[0] for k in got)
+
+
+
+@triton.jit
+def _survivors_kernel(x_ptr, out_ptr, N: tl.constexpr, KMAX: tl.constexpr, GROUPS: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    tl.store(out_ptr + tl.arange(0, N), _survivors(x, KMAX, GROUPS, 128).to(tl.int8))
+
+
+def _survivors_of(x, kmax, groups):
+    """The candidate filter of both launches, run alone on one block (interpreted on CPU)."""
+    out = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
+    _survivors_kernel[(1,)](x, out, x.numel(), kmax, groups)
+    return out.bool()
+
+
+@pytest.mark.parametrize("case", ["gaussian", "ties", "disallowed", "infinite", "equal", "few_allowed"])
+def test_candidate_filter_keeps_every_token_of_the_top_kmax(case):
+    """The histogram bound may let extra tokens through, never drop one that ranks within the best KMAX (ties with
+    the KMAX-th included), and stays near KMAX on random scores."""
+    dev = device_for_test()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1024, generator=g) * 4
+    if case == "ties":
+        x = x.round()
+    if case in ("disallowed", "few_allowed"):
+        x[torch.rand(1024, generator=g) < (0.5 if case == "disallowed" else 0.97)] = float("-inf")
+    if case == "infinite":
+        x[17] = float("inf")
+    if case == "equal":
+        x = torch.full((1024,), 2.5)
+    kept = _survivors_of(x.to(dev), kmax=32, groups=128).cpu()
+    finite = x > float("-inf")
+    kth = x[finite].topk(min(32, int(finite.sum()))).values[-1]
+    assert kept[finite & (x >= kth)].all()
+    assert not kept[~finite].any()
+    if case == "gaussian":
+        assert int(kept.sum()) <= 64
