@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 MIN_CHUNK = 256  # tokens per split at least: below this a split's partial write + merge costs more than it saves
 MAX_SPLITS = 16
 
@@ -29,7 +31,11 @@ def decode_attention_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part
                             s_qb, s_qh, s_ob, s_oh, s_page, s_kv, s_tok, s_head, s_tb,
                             qk_scale, v_scale, window_left, page_size, num_q_heads, num_kv_heads,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, FP32_DOT: tl.constexpr):
+                            SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, FP32_DOT: tl.constexpr,
+                            PDL: tl.constexpr):
+    if PDL:  # q, the lengths and the cache all come from this step's earlier kernels and copies
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -137,5 +143,5 @@ def decode_attention_triton(q, cache, page_table, kv_lens, sm_scale, window_left
         cache.stride(3), page_table.stride(0), sm_scale * k_scale * math.log2(math.e), float(v_scale), window_left,
         cache.shape[2], hq, hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n or (64 if d <= 128 else 32), SPLITS=splits, MIN_CHUNK=min_chunk, FP32_DOT=not q.is_cuda,
-        num_warps=4)
+        num_warps=4, **pdl.launch_options(q.device))
     return out

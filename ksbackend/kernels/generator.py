@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from . import pdl
+
 _TL_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
 _EXPRS = {
     "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}",
@@ -43,14 +45,18 @@ def _render(chain, row: bool):
     params = [f"{n}_ptr" for n in loads + vectors + stores] + [f"{n}_stride" for n in loads + stores] + ["n_cols"] + args
     # row chains: one program per row; pointwise: a grid of (row, block of columns)
     first_col = "0" if row else "tl.program_id(1).to(tl.int64) * BLOCK"
-    body = ["row = tl.program_id(0).to(tl.int64)", f"cols = {first_col} + tl.arange(0, BLOCK)", "mask = cols < n_cols"]
+    body = ["if PDL:", "    tl.extra.cuda.gdc_launch_dependents()",
+            "row = tl.program_id(0).to(tl.int64)", f"cols = {first_col} + tl.arange(0, BLOCK)", "mask = cols < n_cols"]
+    # under PDL: weight vectors are read before waiting for the kernel before, everything else after
+    body += [f"{s[1]} = tl.load({s[1]}_ptr + cols, mask=mask, other=0.0)" for s in chain if s[0] == "load_vec"]
+    body += ["if PDL:", "    tl.extra.cuda.gdc_wait()"]
     for stmt in chain:
         op = stmt[0]
         at = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols"  # a load's or a store's addresses
+        if op == "load_vec":
+            continue
         if op == "load":
             body.append(f"{stmt[1]} = tl.load({at}, mask=mask, other=0.0)")
-        elif op == "load_vec":
-            body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + cols, mask=mask, other=0.0)")
         elif op == "store":
             body.append(f"tl.store({at}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")
         elif op == "cast":
@@ -60,7 +66,8 @@ def _render(chain, row: bool):
         else:
             body.append(f"{stmt[1]} = " + _EXPRS[op].format(*stmt[2:]))
     source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-              f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n" + "".join(f"    {line}\n" for line in body))
+              f"def kernel({', '.join(params)}, BLOCK: tl.constexpr, PDL: tl.constexpr):\n"
+              + "".join(f"    {line}\n" for line in body))
     return source, loads, vectors, stores, args
 
 
@@ -119,4 +126,5 @@ class GeneratedKernel:
         grid, block, warps = self.launch_shape(n_cols, tensors[self.outputs[0]].shape[0])
         pointers = [tensors[n] for n in self.loads + self.vectors + self.outputs]
         strides = [tensors[n].stride(0) for n in self.loads + self.outputs]
-        self.fn[grid](*pointers, *strides, n_cols, *[scalars[a] for a in self.args], BLOCK=block, num_warps=warps)
+        self.fn[grid](*pointers, *strides, n_cols, *[scalars[a] for a in self.args], BLOCK=block, num_warps=warps,
+                      **pdl.launch_options(pointers[0].device))

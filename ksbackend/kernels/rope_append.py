@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .generator import next_power_of_2
 from .rope import rotate_halves
 
@@ -27,7 +28,10 @@ def rope_append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, ca
                        sqh, sqt, skh, skt, svt, svh, sct, page_size, s_page, s_kv, s_tok,
                        k_scale, v_scale, n_q_heads, n_k_heads,
                        HALF: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
-                       FP8: tl.constexpr):
+                       FP8: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # everything it reads comes from this step's earlier kernels: nothing to read before the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     dims = tl.arange(0, BLOCK_D)[None, :]
     dmask = dims < HALF
@@ -88,7 +92,7 @@ def rope_append_triton(q, k, v, cos, sin, cache, slots, k_scale=1.0, v_scale=1.0
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(0), v.stride(1), cos.stride(2),
         cache.shape[2], cache.stride(0), cache.stride(1), cache.stride(2), float(k_scale), float(v_scale), hq, hk,
         HALF=half, Q_HEADS=next_power_of_2(hq), K_HEADS=next_power_of_2(hk), BLOCK_D=next_power_of_2(half),
-        FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4 if hq * d <= 4096 else 8)
+        FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4 if hq * d <= 4096 else 8, **pdl.launch_options(q.device))
     return q_out, k_out
 
 

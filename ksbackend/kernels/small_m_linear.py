@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 MAX_ROWS = 8  # above this a GEMM tile reuses each weight load across rows; cuBLAS is the right tool
 # (BLOCK_N, BLOCK_K, num_warps): narrow tiles give the many programs a weight stream needs on ~132 SMs
 TILES = ((4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8))
@@ -32,12 +34,21 @@ TILE_BY_NAME = {f"Triton {n}x{k}/{w}": (n, k, w) for n, k, w in TILES + WIDE_TIL
 @triton.jit
 def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
+    # the first K slice's weights are read before waiting for the previous kernel (no kernel of a step writes a
+    # weight), so under PDL the weight stream starts while that kernel finishes; the sums run in the same order
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
+                mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:  # one row: multiply-add elementwise, reduce across threads once at the end, not every step
-        partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        partial = w.to(tl.float32) * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
                         mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
@@ -45,8 +56,10 @@ def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_o
             partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(partial, axis=1)[None, :]
     else:  # [rows, cols, K] partial products would not fit in registers: reduce each step
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
                         mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
@@ -68,7 +81,7 @@ def small_m_linear_triton(x2d, weight, bias, tile):
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
         x2d, weight, bias if bias is not None else weight, out, m, n, k, x2d.stride(0), weight.stride(0),
         out.stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, num_warps=warps)
+        HAS_BIAS=bias is not None, num_warps=warps, **pdl.launch_options(x2d.device))
     return out
 
 
