@@ -535,6 +535,10 @@ def _device_attention(model, pool, opts, recorder):
         return None
     recorder.event(f"paged attention: FlashInfer prefill, decode kernel {attention.decode_kernel} "
                    f"(decode_kernel={opts.decode_kernel!r}, KV {pool.dtype})")
+    from .kernels import pdl
+
+    launch = "on" if pdl.enabled(pool.device) else "off (needs sm90+ and Triton's grid-dependency ops)"
+    recorder.event(f"Triton kernels' programmatic dependent launch: {launch}; KERNELSTACK_PDL=0 turns it off")
     return attention
 
 

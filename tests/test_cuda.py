@@ -160,14 +160,17 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch, decode_kern
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     for batch in (1, 5):
         ids = torch.randint(3, model.config.vocab_size, (batch, 40), generator=gen).cuda()
-        plain = ksbackend.optimize(copy.deepcopy(model), decode_kernel=decode_kernel).generate(ids, **kwargs)
+        with monkeypatch.context() as env:
+            env.setenv("KERNELSTACK_PDL", "0")
+            plain = ksbackend.optimize(copy.deepcopy(model), decode_kernel=decode_kernel).generate(ids, **kwargs)
         with monkeypatch.context() as env:
             env.setenv("KERNELSTACK_PDL", "1")
             assert pdl.enabled(ids.device)
             optimized = ksbackend.optimize(copy.deepcopy(model), decode_kernel=decode_kernel)
             launched = optimized.generate(ids, **kwargs)
         assert torch.equal(plain, launched)
-        assert "graph replays: " in str(ksbackend.explain(optimized))
+        report = str(ksbackend.explain(optimized))
+        assert "graph replays: " in report and "programmatic dependent launch: on" in report
 
 
 def test_small_m_linear_under_pdl_is_bitwise_the_plain_launch(monkeypatch):
@@ -177,10 +180,13 @@ def test_small_m_linear_under_pdl_is_bitwise_the_plain_launch(monkeypatch):
                                                                                    dtype=torch.bfloat16)
     for tile in TILE_BY_NAME.values():
         rows = x[:1] if tile[1] == 2048 else x
-        plain = small_m_linear_triton(rows, w, None, tile)
+        with monkeypatch.context() as env:
+            env.setenv("KERNELSTACK_PDL", "0")
+            plain = small_m_linear_triton(rows, w, None, tile)
         with monkeypatch.context() as env:
             env.setenv("KERNELSTACK_PDL", "1")
-            assert torch.equal(small_m_linear_triton(rows, w, None, tile), plain)
+            for static_weight in (True, False):
+                assert torch.equal(small_m_linear_triton(rows, w, None, tile, static_weight), plain)
 
 
 def small_real_model(name="llama-3.2-1b", layers=4):

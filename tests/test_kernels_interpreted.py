@@ -326,3 +326,12 @@ def test_candidate_filter_keeps_every_token_of_the_top_kmax(case):
     assert not kept[~finite].any()
     if case == "gaussian":
         assert int(kept.sum()) <= 64
+
+
+def test_programmatic_dependent_launch_stays_off_where_it_cannot_run(monkeypatch):
+    """The interpreter and CPUs cannot run grid-dependency waits; KERNELSTACK_PDL=0 turns it off on a GPU too."""
+    from ksbackend.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("KERNELSTACK_PDL", "0")
+    assert not pdl.enabled(torch.device("cuda", 0))

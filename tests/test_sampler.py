@@ -141,7 +141,7 @@ def test_never_draws_outside_hf_allowed_set(impl):
     bitmask = random_bitmask(n, vocab, g) | (torch.rand(n, 1, generator=g) < 0.5).int() * -1  # half the rows: all allowed
     names = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"]
     params = SamplingParams.from_values(n, dev, **{k: [cfg[i + 1] for cfg in rows] for i, k in enumerate(names)})
-    p = params
+    p = SamplingParams.from_values(n, "cpu", **{k: [cfg[i + 1] for cfg in rows] for i, k in enumerate(names)})
     scores = penalized_logits(logits, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, counts, bitmask)
     allowed = torch.stack([torch.isfinite(hf_warped(s, *cfg[1:5])) for s, cfg in zip(scores, rows)])
     for offset in range(2):

@@ -19,16 +19,16 @@ from .common import table, wall
 
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
 SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "kernelstack-sampling", "no-graphs", "no-fused-kernels",
-           "no-flashinfer", "triton-decode", "xqa-decode", "cublas-gemm", "pdl")
+           "no-flashinfer", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl")
 SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 VARIANTS = {"kernelstack": {}, "kernelstack-sampling": {}, "no-graphs": {"cuda_graphs": False},
             "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
                                                                         "act_and_mul"]}},
             "no-flashinfer": {"attention": "reference"}, "triton-decode": {"decode_kernel": "triton"},
-            "xqa-decode": {"decode_kernel": "xqa"}, "cublas-gemm": {}, "pdl": {}}
+            "xqa-decode": {"decode_kernel": "xqa"}, "cublas-gemm": {}, "no-pdl": {}}
 # systems that are kernelstack with an environment switch, set while they compile, capture and run
-ENVIRONMENT = {"cublas-gemm": {"KERNELSTACK_SMALL_M_GEMV": "0"}, "pdl": {"KERNELSTACK_PDL": "1"}}
-REPLAYED = ("kernelstack", "triton-decode", "xqa-decode", "cublas-gemm", "pdl")  # their decode graphs are profiled
+ENVIRONMENT = {"cublas-gemm": {"KERNELSTACK_SMALL_M_GEMV": "0"}, "no-pdl": {"KERNELSTACK_PDL": "0"}}
+REPLAYED = ("kernelstack", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl")  # their decode graphs are profiled
 
 
 def load(name):
@@ -185,8 +185,8 @@ def run_model(bw, out, results, name, batches, systems):
 @contextlib.contextmanager
 def _configured(model, system):
     """``model`` as ``system`` runs it (optimized with the variant's options and environment: ``cublas-gemm`` keeps
-    every GEMM on cuBLAS, to show the small-M Triton GEMV's share of the step; ``pdl`` launches the Triton kernels
-    with programmatic dependent launch), restored afterwards, also when it fails."""
+    every GEMM on cuBLAS, to show the small-M Triton GEMV's share of the step; ``no-pdl`` launches the Triton
+    kernels without programmatic dependent launch), restored afterwards, also when it fails."""
     import ksbackend
 
     environment = ENVIRONMENT.get(system, {})

@@ -49,10 +49,13 @@ def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
 
 
 def _linear_cat(x, weights, biases):
-    from ..ops.linear import packed_weight
+    from ..ops.linear import adjacent_base, packed_weight
     from .small_m_linear import linear_cuda
 
-    return linear_cuda(x, packed_weight(weights), packed_weight(biases) if biases else None)
+    # weights laid out back to back are the parameters' own storage; otherwise packed_weight concatenates them
+    # in this step, and a GEMV under PDL must not read that copy before it is written
+    return linear_cuda(x, packed_weight(weights), packed_weight(biases) if biases else None,
+                       static_weight=adjacent_base(weights) is not None)
 
 
 def register_cuda_kernels():

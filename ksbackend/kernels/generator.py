@@ -45,17 +45,16 @@ def _render(chain, row: bool):
     params = [f"{n}_ptr" for n in loads + vectors + stores] + [f"{n}_stride" for n in loads + stores] + ["n_cols"] + args
     # row chains: one program per row; pointwise: a grid of (row, block of columns)
     first_col = "0" if row else "tl.program_id(1).to(tl.int64) * BLOCK"
-    body = ["if PDL:", "    tl.extra.cuda.gdc_launch_dependents()",
+    # under PDL everything is read after the wait: a norm's weight may be computed in the step (a cast), and
+    # reading a few KB early would gain nothing measurable
+    body = ["if PDL:", "    tl.extra.cuda.gdc_launch_dependents()", "    tl.extra.cuda.gdc_wait()",
             "row = tl.program_id(0).to(tl.int64)", f"cols = {first_col} + tl.arange(0, BLOCK)", "mask = cols < n_cols"]
-    # under PDL: weight vectors are read before waiting for the kernel before, everything else after
-    body += [f"{s[1]} = tl.load({s[1]}_ptr + cols, mask=mask, other=0.0)" for s in chain if s[0] == "load_vec"]
-    body += ["if PDL:", "    tl.extra.cuda.gdc_wait()"]
     for stmt in chain:
         op = stmt[0]
         at = f"{stmt[1]}_ptr + row * {stmt[1]}_stride + cols"  # a load's or a store's addresses
         if op == "load_vec":
-            continue
-        if op == "load":
+            body.append(f"{stmt[1]} = tl.load({stmt[1]}_ptr + cols, mask=mask, other=0.0)")
+        elif op == "load":
             body.append(f"{stmt[1]} = tl.load({at}, mask=mask, other=0.0)")
         elif op == "store":
             body.append(f"tl.store({at}, {stmt[2]}.to({stmt[1]}_ptr.dtype.element_ty), mask=mask)")

@@ -336,14 +336,15 @@ def _masses(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m, temp
 
 
 def launch_shape(batch, vocab):
-    """(chunk, num_warps) of launch 1: chunks of 2048 tokens, 8 tokens a thread.
+    """(chunk, num_warps) of launch 1, measured on an H100 (docs/benchmarks.md, V = 128256, top-k 50, top-p 0.9).
 
-    Measured on an H100 (docs/benchmarks.md): with 4096-token chunks a third of the rows overflowed a chunk's list and
-    took the full-row path (3.7 ms at batch 32 against 23 us at batch 1). With 2048-token chunks, 256 groups per
-    chunk and 256 groups in launch 2, a simulation of this filter over 1,600 Gaussian rows (std 1 to 8, top-k 50,
-    top-p 0.9) never left the fast path."""
-    chunk = min(2048, max(triton.next_power_of_2(vocab), 64))
-    return chunk, min(max(chunk // 256, 4), 16)
+    Up to 4 rows launch 2 is the step's critical path (one program per row merging every chunk's list), so chunks
+    of 4096 tokens halve its input: 22.5 us at batch 1 against 24.9 with 2048. With more rows launch 1's 2,000
+    programs are bound by instruction issue, and 4 warps of 2048-token chunks ran it fastest: 52.6 us at batch 32
+    against 62.4 with 8 warps. Lists do not overflow at either length: the filter keeps groups of 8 tokens."""
+    if batch <= 4:
+        return min(4096, max(triton.next_power_of_2(vocab), 64)), 8
+    return min(2048, max(triton.next_power_of_2(vocab), 64)), 4
 
 
 def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,

@@ -34,17 +34,19 @@ TILE_BY_NAME = {f"Triton {n}x{k}/{w}": (n, k, w) for n, k, w in TILES + WIDE_TIL
 @triton.jit
 def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr, STATIC_WEIGHT: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+        if not STATIC_WEIGHT:  # a weight made this step (a concatenation) is read after the wait like the rest
+            tl.extra.cuda.gdc_wait()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
-    # the first K slice's weights are read before waiting for the previous kernel (no kernel of a step writes a
-    # weight), so under PDL the weight stream starts while that kernel finishes; the sums run in the same order
+    # a parameter's first K slice is read before waiting for the previous kernel (no kernel of a step writes a
+    # parameter), so under PDL the weight stream starts while that kernel finishes; the sums run in the same order
     ks = tl.arange(0, BLOCK_K)
     w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
                 mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
-    if PDL:
+    if PDL and STATIC_WEIGHT:
         tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:  # one row: multiply-add elementwise, reduce across threads once at the end, not every step
         partial = w.to(tl.float32) * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
@@ -72,8 +74,9 @@ def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_o
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def small_m_linear_triton(x2d, weight, bias, tile):
-    """x2d [M <= MAX_ROWS, K] with unit column stride; weight [N, K] contiguous; bias [N] or None."""
+def small_m_linear_triton(x2d, weight, bias, tile, static_weight=False):
+    """x2d [M <= MAX_ROWS, K] with unit column stride; weight [N, K] contiguous; bias [N] or None.
+    ``static_weight``: no kernel of this step writes the weight (a parameter), so PDL may read it early."""
     m, k = x2d.shape
     n = weight.shape[0]
     block_n, block_k, warps = tile
@@ -81,7 +84,7 @@ def small_m_linear_triton(x2d, weight, bias, tile):
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
         x2d, weight, bias if bias is not None else weight, out, m, n, k, x2d.stride(0), weight.stride(0),
         out.stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, num_warps=warps, **pdl.launch_options(x2d.device))
+        HAS_BIAS=bias is not None, STATIC_WEIGHT=static_weight, num_warps=warps, **pdl.launch_options(x2d.device))
     return out
 
 
@@ -98,13 +101,13 @@ def candidate_names(m):
     return ["cuBLAS", *one_row, *tiles]
 
 
-def run_candidate(name, x2d, weight, bias):
+def run_candidate(name, x2d, weight, bias, static_weight=False):
     """x2d @ weight.T (+ bias) as [M, N] by the candidate ``name``."""
     if name == "cuBLAS":
         return torch.nn.functional.linear(x2d, weight, bias)
     if name == "cuBLAS mv":
         return (torch.mv(weight, x2d[0]) if bias is None else torch.addmv(bias, weight, x2d[0])).unsqueeze(0)
-    return small_m_linear_triton(x2d, weight, bias, TILE_BY_NAME[name])
+    return small_m_linear_triton(x2d, weight, bias, TILE_BY_NAME[name], static_weight)
 
 
 class ShapeChoices:
@@ -179,10 +182,10 @@ def time_candidates(names, x2d, weight, bias):
 SHAPE_CHOICES = ShapeChoices()
 
 
-def linear_cuda(x, weight, bias):
-    """``F.linear`` with the measured-fastest kernel for this shape."""
+def linear_cuda(x, weight, bias, static_weight=False):
+    """``F.linear`` with the measured-fastest kernel for this shape (``static_weight``: see small_m_linear_triton)."""
     x2d = x.reshape(-1, x.shape[-1])
     name = SHAPE_CHOICES.choose(x2d, weight, bias)
     if name == "cuBLAS":
         return torch.nn.functional.linear(x, weight, bias)
-    return run_candidate(name, x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return run_candidate(name, x2d, weight, bias, static_weight).view(*x.shape[:-1], weight.shape[0])
