@@ -457,6 +457,12 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
     if pool.fp8:
         _calibrate_fp8_scales(model, pool, recorder)
     attention = _device_attention(model, pool, opts, recorder)
+    if device.type == "cuda":
+        from .kernels import pdl
+
+        off = pdl.off_reason(device)
+        recorder.event("Triton kernels: programmatic dependent launch " + (f"off: {off}" if off else
+                                                                          "on (KERNELSTACK_PDL=0 turns it off)"))
 
     def forward_prefill(ids, positions, keep):
         return model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
@@ -535,10 +541,6 @@ def _device_attention(model, pool, opts, recorder):
         return None
     recorder.event(f"paged attention: FlashInfer prefill, decode kernel {attention.decode_kernel} "
                    f"(decode_kernel={opts.decode_kernel!r}, KV {pool.dtype})")
-    from .kernels import pdl
-
-    launch = "on" if pdl.enabled(pool.device) else "off (needs sm90+ and Triton's grid-dependency ops)"
-    recorder.event(f"Triton kernels' programmatic dependent launch: {launch}; KERNELSTACK_PDL=0 turns it off")
     return attention
 
 

@@ -135,6 +135,20 @@ def test_linear_cat_gradcheck_and_packed_weights(bias):
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
 
 
+def test_only_packed_parameter_groups_count_as_never_written():
+    """Under PDL a GEMV reads a weight before waiting for the kernel before only if no kernel of a step can write
+    it: a group ``pack_adjacent`` laid out, not any tensors that merely sit back to back."""
+    from ksbackend.ops.linear import adjacent_base, is_packed_parameter, pack_adjacent
+
+    params = [torch.nn.Parameter(torch.randn(n, 6)) for n in (3, 2)]
+    assert pack_adjacent(params) and is_packed_parameter(adjacent_base(params))
+    buffer = torch.randn(5, 6)
+    assert not is_packed_parameter(adjacent_base([buffer[:3], buffer[3:]]))
+    packed = adjacent_base(params)
+    params[0].data = torch.randn(3, 6)  # re-pointed by the user: the old buffer no longer holds that parameter
+    assert not is_packed_parameter(packed)
+
+
 def attention_masks(t, s):
     """(name, mask, is_causal) for every mask form; the bool mask has a query row that attends to nothing."""
     bool_mask = torch.rand(2, 1, t, s) > 0.4

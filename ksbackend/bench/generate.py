@@ -190,17 +190,23 @@ def _configured(model, system):
     import ksbackend
 
     environment = ENVIRONMENT.get(system, {})
-    os.environ.update(environment)
-    if system in VARIANTS:
-        ksbackend.optimize(model, **VARIANTS[system])
+    saved = {name: os.environ.get(name) for name in environment}
+    optimized = False
     try:
+        os.environ.update(environment)
+        if system in VARIANTS:
+            ksbackend.optimize(model, **VARIANTS[system])
+            optimized = True
         yield
     finally:
-        if system in VARIANTS:
+        if optimized:
             ksbackend.restore(model)
             gc.collect()
-        for name in environment:
-            os.environ.pop(name)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _summary(m):

@@ -114,21 +114,37 @@ def _gumbel(seed, offset, row, idx):
 
 
 @triton.jit
-def _survivors(x, KMAX: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr):
-    """A superset of the block's best KMAX tokens, found without selecting them: if KMAX of the GROUPS group maxima
-    reach a bound, KMAX distinct tokens do, so every token below it can go. The bound is the lower edge of the highest
-    of BINS equal bins over the maxima's range whose suffix holds KMAX maxima: one histogram instead of a sort. On
-    random scores about 75 tokens of 2048 pass (KMAX 64, 256 groups, 128 bins; 72 with the exact KMAX-th maximum).
-    Tokens are binned by the same float expression as the maxima, which is monotone in x, so none is lost to
-    rounding."""
-    group_max = tl.max(tl.reshape(x, [GROUPS, x.numel // GROUPS]), axis=1)
-    lo = tl.min(tl.where(group_max > float("-inf"), group_max, float("inf")), axis=0)
-    hi = tl.max(group_max, axis=0)
+def _histogram_bound(group_max, lo, hi, KMAX: tl.constexpr, BINS: tl.constexpr):
+    """Bins the group maxima into BINS equal bins over [lo, hi] (below lo: bin 0) and finds the highest bin whose
+    suffix holds KMAX of them. Returns (scale, that bin, each maximum's position in bins, whether that bin's suffix
+    holds over 2 KMAX maxima: a far outlier below stretched the range)."""
     scale = tl.where(hi > lo, BINS / (hi - lo), 0.0)  # 0: one bin (equal maxima, or an infinity)
     where = tl.where(scale > 0.0, (group_max - lo) * scale, 0.0)
     counts = tl.histogram(tl.minimum(tl.maximum(where, 0.0), BINS - 1).to(tl.int32), BINS)  # -inf groups: bin 0
     reached = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # maxima in this bin or above
     first = tl.max(tl.where(reached >= KMAX, tl.arange(0, BINS), 0), axis=0)
+    crowded = tl.max(tl.where(tl.arange(0, BINS) == first, reached, 0), axis=0) > 2 * KMAX
+    return scale, first, where, crowded
+
+
+@triton.jit
+def _survivors(x, KMAX: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr):
+    """A superset of the block's best KMAX tokens, found without selecting them: if KMAX of the GROUPS group maxima
+    reach a bound, KMAX distinct tokens do, so every token below it can go. The bound is the lower edge of the highest
+    of BINS equal bins over the maxima's range whose suffix holds KMAX maxima: one histogram instead of a sort. On
+    random scores about 75 tokens of 2048 pass (KMAX 64, 256 groups, 128 bins; 72 with the exact KMAX-th maximum).
+    Any lower edge of the range is correct (a bin holding the KMAX-th maximum at 0 keeps everything); a far outlier
+    (a finite -1e30) would crowd every real maximum into one bin, so then the range is binned again from the lowest
+    maximum of that bin. Tokens are binned by the same float expression as the maxima, which is monotone in x, so
+    none is lost to rounding."""
+    group_max = tl.max(tl.reshape(x, [GROUPS, x.numel // GROUPS]), axis=1)
+    finite = group_max > float("-inf")
+    lo = tl.min(tl.where(finite, group_max, float("inf")), axis=0)
+    hi = tl.max(group_max, axis=0)
+    scale, first, where, crowded = _histogram_bound(group_max, lo, hi, KMAX, BINS)
+    if crowded:  # lo becomes a maximum at or below the KMAX-th best, so the bound stays a lower bound
+        lo = tl.min(tl.where(finite & (where >= first), group_max, float("inf")), axis=0)
+        scale, first, where, crowded = _histogram_bound(group_max, lo, hi, KMAX, BINS)
     # bin 0 holds the -inf groups too, so nothing is dropped when it is the one reached
     return (x > float("-inf")) & tl.where(first == 0, True, (x - lo) * scale >= first)
 

@@ -10,8 +10,14 @@ At decode batch sizes a GEMM reads its weights once whatever its width, so one l
 closer to the bandwidth ceiling than three launches over 8, 2 and 2 MB (and saves two launches a layer).
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+# storage address -> a parameter over it, for every group ``pack_adjacent`` laid out (weak: a freed model's
+# storage drops out, so an address reused by another tensor is never mistaken for a parameter's)
+_PACKED_PARAMETERS = weakref.WeakValueDictionary()
 
 
 def _stackable(tensors) -> bool:
@@ -39,17 +45,25 @@ def adjacent_base(tensors):
 def pack_adjacent(tensors) -> bool:
     """Put ``tensors`` (parameters) back to back in one new buffer and re-point each at its view of it.
     Returns False (and changes nothing) when they cannot share one buffer."""
-    if adjacent_base(tensors) is not None:
-        return True
-    if not _stackable(tensors):
-        return False
-    with torch.no_grad():
-        packed = torch.cat([t.detach() for t in tensors])
-        start = 0
-        for t in tensors:
-            t.data = packed[start:start + t.shape[0]]
-            start += t.shape[0]
+    if adjacent_base(tensors) is None:
+        if not _stackable(tensors):
+            return False
+        with torch.no_grad():
+            packed = torch.cat([t.detach() for t in tensors])
+            start = 0
+            for t in tensors:
+                t.data = packed[start:start + t.shape[0]]
+                start += t.shape[0]
+    _PACKED_PARAMETERS[tensors[0].untyped_storage().data_ptr()] = tensors[0]
     return True
+
+
+def is_packed_parameter(base) -> bool:
+    """``base`` (from ``adjacent_base``) lies in a parameter group that ``pack_adjacent`` laid out: no kernel of a
+    step writes it, so a GEMV launched with PDL may read it before waiting for the kernel before."""
+    address = base.untyped_storage().data_ptr()
+    owner = _PACKED_PARAMETERS.get(address)
+    return owner is not None and owner.untyped_storage().data_ptr() == address
 
 
 def packed_weight(tensors):
