@@ -21,6 +21,8 @@ def _unsupported(device_index: int) -> str | None:
     """Why a CUDA device cannot use PDL, or None. Cached: it is asked at every launch."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "the Triton interpreter cannot run grid-dependency waits"
+    if torch.version.hip:
+        return "a ROCm device (grid-dependency control is an NVIDIA feature)"
     major, minor = torch.cuda.get_device_capability(device_index)
     if major < 9:
         return f"needs compute capability 9.0+, this GPU has {major}.{minor}"
