@@ -211,12 +211,16 @@ def test_sampling_params_build_select_and_sample_in_a_compiled_graph():
 
 
 @pytest.mark.cuda
-def test_kernel_at_llama3_vocab_stays_in_hf_allowed_set():
-    """Real shapes with the default launch shape: batch 32 over a 128256-token vocabulary."""
+@pytest.mark.parametrize("batch", [32, 4])
+def test_kernel_at_llama3_vocab_stays_in_hf_allowed_set(batch):
+    """Real shapes with the default launch shapes (chunks of 2048 tokens above 4 rows, 4096 up to 4) over a
+    128256-token vocabulary."""
     g = torch.Generator().manual_seed(5)
-    logits = (torch.randn(32, 128256, generator=g) * 3).cuda()
-    top_k = [50] * 16 + [0] * 8 + [1000] * 8
-    params = SamplingParams.from_values(32, "cuda", temperature=0.7, top_k=top_k, top_p=[0.9] * 24 + [1.0] * 8)
+    logits = (torch.randn(batch, 128256, generator=g) * 3).cuda()
+    quarter = batch // 4
+    top_k = [50] * (2 * quarter) + [0] * quarter + [1000] * quarter
+    params = SamplingParams.from_values(batch, "cuda", temperature=0.7, top_k=top_k,
+                                        top_p=[0.9] * (3 * quarter) + [1.0] * quarter)
     tokens = params.sample(logits, torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))
     _, allowed = sampling_mask(logits, params.temperature, params.top_k, params.top_p, params.min_p)
     assert allowed.gather(1, tokens[:, None]).all()
