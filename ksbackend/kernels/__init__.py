@@ -49,15 +49,13 @@ def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
 
 
 def _linear_cat(x, weights, biases):
-    from ..ops.linear import adjacent_base, is_packed_parameter, packed_weight
+    from ..ops.linear import is_packed_parameter, packed_weight
     from .small_m_linear import linear_cuda
 
     # only a packed parameter group is never written during a step; a concatenated copy (weights not back to back)
     # or any other tensor may be, and a GEMV under PDL must not read it before the wait
-    base = adjacent_base(weights)
-    weight = base if base is not None else torch.cat(weights)
-    return linear_cuda(x, weight, packed_weight(biases) if biases else None,
-                       static_weight=base is not None and is_packed_parameter(base))
+    weight = packed_weight(weights)
+    return linear_cuda(x, weight, packed_weight(biases) if biases else None, static_weight=is_packed_parameter(weight))
 
 
 def register_cuda_kernels():

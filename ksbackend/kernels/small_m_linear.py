@@ -32,6 +32,14 @@ TILE_BY_NAME = {f"Triton {n}x{k}/{w}": (n, k, w) for n, k, w in TILES + WIDE_TIL
 
 
 @triton.jit
+def _k_slice(ptr, rows, n_rows, stride, ks, K):
+    """Rows ``rows`` of a row-major [n_rows, K] matrix at columns ``ks``, zero outside it (int64 ``rows`` where
+    rows x stride may pass 2**31)."""
+    return tl.load(ptr + rows[:, None] * stride + ks[None, :],
+                   mask=(rows[:, None] < n_rows) & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
 def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr, STATIC_WEIGHT: tl.constexpr):
@@ -44,29 +52,24 @@ def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_o
     # a parameter's first K slice is read before waiting for the previous kernel (no kernel of a step writes a
     # parameter), so under PDL the weight stream starts while that kernel finishes; the sums run in the same order
     ks = tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
-                mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+    w = _k_slice(w_ptr, cols.to(tl.int64), N, s_wn, ks, K)
     if PDL and STATIC_WEIGHT:
         tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:  # one row: multiply-add elementwise, reduce across threads once at the end, not every step
         partial = w.to(tl.float32) * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
-                        mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+            w = _k_slice(w_ptr, cols.to(tl.int64), N, s_wn, ks, K)
             x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
             partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(partial, axis=1)[None, :]
     else:  # [rows, cols, K] partial products would not fit in registers: reduce each step
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                    other=0.0)
+        x = _k_slice(x_ptr, rows, M, s_xm, ks, K)
         acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * s_wn + ks[None, :],
-                        mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                        other=0.0)
+            w = _k_slice(w_ptr, cols.to(tl.int64), N, s_wn, ks, K)
+            x = _k_slice(x_ptr, rows, M, s_xm, ks, K)
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]

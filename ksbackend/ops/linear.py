@@ -58,10 +58,10 @@ def pack_adjacent(tensors) -> bool:
     return True
 
 
-def is_packed_parameter(base) -> bool:
-    """``base`` (from ``adjacent_base``) lies in a parameter group that ``pack_adjacent`` laid out: no kernel of a
-    step writes it, so a GEMV launched with PDL may read it before waiting for the kernel before."""
-    address = base.untyped_storage().data_ptr()
+def is_packed_parameter(tensor) -> bool:
+    """``tensor`` lies in a parameter group that ``pack_adjacent`` laid out (a fresh concatenation never does): no
+    kernel of a step writes it, so a GEMV launched with PDL may read it before waiting for the kernel before."""
+    address = tensor.untyped_storage().data_ptr()
     owner = _PACKED_PARAMETERS.get(address)
     return owner is not None and owner.untyped_storage().data_ptr() == address
 
