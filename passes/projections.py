@@ -1,9 +1,11 @@
-"""Linears that share an input -> one ``kernelstack::linear_cat`` GEMM (q/k/v; gate/up).
+"""Linears over parameters -> ``kernelstack::linear_cat``: one GEMM per input (q/k/v; gate/up; o; down; lm_head).
 
 Anchored on the input: every ``F.linear(x, w[, b])`` reading the same ``x`` whose weight is a graph
 input (a parameter), with one dtype and in-features, all with a bias or none. The fused output is
 sliced back into the original outputs (views: no copies). The new node's meta names the weights, so the
 backend can lay them out back to back once (``ops.linear.pack_adjacent``) and the GEMM reads one buffer.
+A lone linear (o_proj, down_proj, lm_head) becomes a one-weight ``linear_cat`` too: on the GPU that op times
+cuBLAS against Triton GEMVs per decode shape and keeps the winner, which Inductor's own ``F.linear`` never does.
 """
 
 import operator
@@ -37,16 +39,17 @@ class ProjectionFusionPass(GraphPass):
             if parts is not None:
                 groups[parts[0]].append(node)
         for x, linears in groups.items():
-            if len(linears) < 2:
-                continue
             site = describe(linears[0])
             reason = self._check(linears)
             if reason:
                 result.leave(site, reason)
                 continue
             self._rewrite(gm, x, linears)
-            result.match(f"{site}: {len(linears)} linears over one input "
-                         f"({' + '.join(str(shape_of(n)[-1]) for n in linears)} outputs) -> one GEMM")
+            if len(linears) == 1:
+                result.match(f"{site}: one linear ({shape_of(linears[0])[-1]} outputs) -> the measured GEMM")
+            else:
+                result.match(f"{site}: {len(linears)} linears over one input "
+                             f"({' + '.join(str(shape_of(n)[-1]) for n in linears)} outputs) -> one GEMM")
 
     @staticmethod
     def _check(linears):
@@ -71,6 +74,11 @@ class ProjectionFusionPass(GraphPass):
         with graph.inserting_before(first):
             fused = graph.call_function(ks.linear_cat.default, (x, weights, biases))
         fused.meta[PACK_META] = [[w.name for w in weights]] + ([[b.name for b in biases]] if biases else [])
+        if len(linears) == 1:  # nothing to slice
+            fused.meta = {**linears[0].meta, PACK_META: fused.meta[PACK_META]}
+            linears[0].replace_all_uses_with(fused)
+            graph.erase_node(linears[0])
+            return
         start = 0
         for node in linears:
             width = shape_of(node)[-1]

@@ -18,7 +18,7 @@ LAYERS = 2
 def expected_counts(family):
     qk_norms = 2 * LAYERS if family == "qwen3" else 0
     return {"rope_cos_sin": 1, "rope": LAYERS, "attention": LAYERS, "rms_norm": 2 * LAYERS + 1 + qk_norms,
-            "act_and_mul": LAYERS, "projections": 2 * LAYERS}
+            "act_and_mul": LAYERS, "projections": 4 * LAYERS + 1}  # q/k/v, gate/up, o, down; lm_head
 
 
 def assert_counts(report, family, graphs=1):
