@@ -43,6 +43,7 @@ log = logging.getLogger("ksbackend")
 
 ARTIFACTS = "artifacts.bin"  # PyTorch's cache artifacts, behind a header that lets a reader prove them whole
 KEY_FILE = "key.json"  # what went into the key, to diff when an entry is not reused
+GEMM_FILE = "gemm_choices.json"  # the small-M GEMM winners measured on this GPU model (kernels.small_m_linear)
 _MAGIC = b"kernelstack-compile-cache-1\n"
 _ARTIFACT_KINDS = ("inductor", "autotune", "aot_autograd", "pgo", "precompile")
 _STALE_TEMP_SECONDS = 3600  # a temp file this old was left by a killed writer
@@ -204,6 +205,7 @@ class CacheStats:
     graphs_precompiled: int = 0  # graphs loaded whole (Dynamo's code and guards too): nothing traced
     precompile_seconds: float = 0.0  # loading those
     precompile_off: str | None = None  # why a PrecompiledFunction falls back to tracing in every process
+    gemm_choices_loaded: int = 0  # small-M GEMM shapes whose measured winner came from the entry (not re-timed)
     error: str | None = None  # why an entry was ignored or not saved
 
     def describe(self) -> str:
@@ -216,9 +218,10 @@ class CacheStats:
         whole = (f"{self.graphs_precompiled} graphs loaded whole (not traced) in {self.precompile_seconds:.1f} s, "
                  if self.graphs_precompiled else "")
         off = f"; tracing not cached ({self.precompile_off})" if self.precompile_off else ""
+        gemm = f"; {self.gemm_choices_loaded} GEMM choices loaded (not timed again)" if self.gemm_choices_loaded else ""
         return (f"compile cache {self.directory}: {entry}{saved}; {whole}{self.graphs_from_cache} graphs from "
                 f"Inductor's cache, {self.graphs_compiled} compiled{bypassed}; compiling {self.compile_seconds:.1f} s "
-                f"of {self.wall_seconds:.1f} s{off}")
+                f"of {self.wall_seconds:.1f} s{off}{gemm}")
 
 
 def _artifact_keys(info) -> frozenset:
@@ -242,10 +245,14 @@ class CompileCache:
     block that compiled a graph saves them (atomically). An unreadable entry is logged and ignored; a cache
     that cannot be written is logged; neither stops the model."""
 
-    def __init__(self, key: str, directory=None, enabled: bool = True, description: dict | None = None):
-        """``description``: what went into the key, written beside the artifacts as key.json."""
+    def __init__(self, key: str, directory=None, enabled: bool = True, description: dict | None = None,
+                 device: torch.device | None = None):
+        """``description``: what went into the key, written beside the artifacts as key.json. ``device``: a CUDA
+        device whose small-M GEMM choices the entry keeps (each is ~0.3 s of timing that a later process skips)."""
         self.path = cache_root(directory) / key
         self.description = description
+        self.device = device if device is not None and device.type == "cuda" else None
+        self._gemm_stored = 0  # choices the entry's file holds, as far as this process knows
         self.stats = CacheStats(key=key, directory=str(self.path), enabled=enabled)
         self._loaded = not enabled
         self._stored = frozenset()  # the artifacts the entry on disk holds, as far as this process knows
@@ -253,7 +260,7 @@ class CompileCache:
     @classmethod
     def for_model(cls, model, options: dict, directory=None, enabled: bool = True) -> "CompileCache":
         inputs = key_inputs(model_signature(model), options)
-        return cls(_hash_key(inputs), directory, enabled, description=inputs)
+        return cls(_hash_key(inputs), directory, enabled, description=inputs, device=next(model.parameters()).device)
 
     def describe(self) -> str:
         return self.stats.describe()
@@ -261,6 +268,7 @@ class CompileCache:
     def load(self) -> bool:
         """Load the entry's artifacts into PyTorch's caches; False (and a log line) if there is none usable."""
         self._loaded = True
+        self._load_gemm_choices()
         file = self.path / ARTIFACTS
         start = time.perf_counter()
         try:
@@ -306,6 +314,38 @@ class CompileCache:
         log.info("kernelstack compile cache: saved %d bytes to %s", len(payload), self.path)
         return len(payload)
 
+    def _load_gemm_choices(self) -> None:
+        if self.device is None:
+            return
+        from .kernels.small_m_linear import SHAPE_CHOICES
+
+        file = self.path / GEMM_FILE
+        try:
+            entries = json.loads(_unpack(file.read_bytes()))
+            self.stats.gemm_choices_loaded = SHAPE_CHOICES.seed(entries, self.device.index or 0)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001 - an unusable file costs the timing, never the model
+            log.warning("kernelstack compile cache: ignored %s: %s: %s", file, type(exc).__name__, exc)
+            return
+        self._gemm_stored = len(entries)
+
+    def _save_gemm_choices(self) -> None:
+        """Store this device's choices when there are more than the file holds (they only ever grow)."""
+        if self.device is None:
+            return
+        from .kernels.small_m_linear import SHAPE_CHOICES
+
+        entries = SHAPE_CHOICES.export(self.device.index or 0)
+        if len(entries) <= self._gemm_stored:
+            return
+        try:
+            write_atomic(self.path / GEMM_FILE, _pack(json.dumps(entries).encode()))
+        except OSError as exc:
+            log.warning("kernelstack compile cache: GEMM choices not saved to %s: %s", self.path, exc)
+            return
+        self._gemm_stored = len(entries)
+
     def __enter__(self):
         if not self._loaded:
             self.load()
@@ -320,8 +360,10 @@ class CompileCache:
         self.stats.graphs_from_cache += hits
         self.stats.graphs_compiled += misses
         self.stats.graphs_uncacheable += bypasses
-        if self.stats.enabled and exc_type is None and hits + misses:
-            self.save()
+        if self.stats.enabled and exc_type is None:
+            if hits + misses:
+                self.save()
+            self._save_gemm_choices()
         return False
 
 

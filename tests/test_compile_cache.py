@@ -130,6 +130,38 @@ def test_an_unreadable_entry_is_ignored(tmp_path, monkeypatch, caplog, damage):
     assert "ignored" in caplog.text and "miss (ignored" in cache.describe()
 
 
+def test_gemm_choices_measured_in_one_process_are_adopted_by_the_next(tmp_path, monkeypatch, caplog):
+    from ksbackend.kernels import small_m_linear
+
+    gpu = torch.device("cuda", 0)  # only a device object: nothing runs on it
+    measured = small_m_linear.ShapeChoices()
+    key = (1, 3072, 2048, torch.bfloat16, False, 0)
+    measured.winners[key] = ("Triton 8x512/4", {"cuBLAS": 14.2, "Triton 8x512/4": 10.9})
+    measured.winners[(1, 64, 64, torch.float16, True, 1)] = ("cuBLAS", {"cuBLAS": 3.0})  # another GPU: not stored
+    monkeypatch.setattr(small_m_linear, "SHAPE_CHOICES", measured)
+    with CompileCache("k", tmp_path, device=gpu):
+        pass
+    fresh = small_m_linear.ShapeChoices()
+    monkeypatch.setattr(small_m_linear, "SHAPE_CHOICES", fresh)
+    cache = CompileCache("k", tmp_path, device=gpu)
+    with cache:
+        pass
+    assert fresh.winners == {key: measured.winners[key]}
+    assert "1 GEMM choices loaded" in cache.describe()
+    # a damaged file costs the timing only
+    file = tmp_path / "k" / compile_cache.GEMM_FILE
+    file.write_bytes(file.read_bytes()[:-5])
+    monkeypatch.setattr(small_m_linear, "SHAPE_CHOICES", small_m_linear.ShapeChoices())
+    with CompileCache("k", tmp_path, device=gpu):
+        pass
+    assert small_m_linear.SHAPE_CHOICES.winners == {} and "ignored" in caplog.text
+    # a CPU model keeps no choices, and a disabled cache reads none
+    assert CompileCache("c", tmp_path, device=torch.device("cpu")).device is None
+    with CompileCache("k", tmp_path, enabled=False, device=gpu):
+        pass
+    assert small_m_linear.SHAPE_CHOICES.winners == {}
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / ARTIFACTS
     compile_cache.write_atomic(target, b"old")

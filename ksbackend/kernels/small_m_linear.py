@@ -146,6 +146,24 @@ class ShapeChoices:
         record_event(f"linear {self.describe(key)}")
         return self.winners[key][0]
 
+    def export(self, device_index) -> list:
+        """The winners on one device, JSON-ready (no device index: a later process may see the GPU as another)."""
+        with self.lock:
+            return [[*key[:3], str(key[3]).removeprefix("torch."), key[4], name, times]
+                    for key, (name, times) in self.winners.items() if key[5] == device_index]
+
+    def seed(self, entries, device_index) -> int:
+        """Adopt winners an earlier process measured on this GPU model (``export``'s list) for shapes not yet
+        decided here; returns how many were new."""
+        added = 0
+        with self.lock:
+            for m, n, k, dtype, bias, name, times in entries:
+                key = (m, n, k, getattr(torch, dtype), bias, device_index)
+                if key not in self.winners and name in times and "cuBLAS" in times and name in candidate_names(m):
+                    self.winners[key] = (name, times)
+                    added += 1
+        return added
+
     def describe(self, key):
         """The shape, its winner and the winner's time against cuBLAS's."""
         m, n, k, dtype = key[:4]
