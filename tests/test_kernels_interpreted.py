@@ -254,13 +254,13 @@ def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_
     meta = DecodeMetadata(slots=torch.zeros(4, dtype=torch.int64, device=dev), kv_lens=lens, page_table=table,
                           page_size=page)
     workspace = TritonDecodeWorkspace(8, hq, hk, d, dev)
-    for splits, min_chunk in [(1, 256), (4, 16), (4, 16)]:
+    for splits, min_chunk, block_n in [(1, 256, None), (4, 16, 16), (4, 16, 16)]:  # None: the kernel's own block
         q = torch.randn(4, hq, d, dtype=dtype, device=dev)
         workspace.part_ml.fill_(float("nan"))
         ref = decode_attention_reference(q, 0, d**-0.5, window_left, pool, meta)
         out = decode_attention_triton(q, pool.caches[0], table, lens, d**-0.5, window_left, workspace,
                                       pool.k_scales[0], pool.v_scales[0], splits=splits, min_chunk=min_chunk,
-                                      block_n=16)
+                                      block_n=block_n)
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
         assert int(workspace.counts.abs().sum()) == 0
     if window_left < 0:  # (a 6-token window never splits)

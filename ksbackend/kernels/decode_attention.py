@@ -119,6 +119,13 @@ def splits_for(batch, num_kv_heads, sm_count):
     return min(MAX_SPLITS, triton.next_power_of_2(max(1, wanted)))
 
 
+def token_block(head_dim):
+    """Tokens per loop step: a [block, head_dim] K tile of 8192 elements (64 tokens at head_dim 128). Each step is a
+    chain of dependent loads (page ids, then K and V), so at a short context the step count is the latency: a
+    64-wide head (SmolLM's 135M shape) takes 128 tokens a step, one step at a 128-token context, not two."""
+    return max(16, min(128, 8192 // head_dim))
+
+
 def decode_attention_triton(q, cache, page_table, kv_lens, sm_scale, window_left, workspace, k_scale=1.0,
                             v_scale=1.0, splits=None, min_chunk=MIN_CHUNK, block_n=None):
     """q [B, Hq, D]; cache one layer's [pages, 2, page_size, Hk, D]; page_table [>= B, W] int32; kv_lens [B] int32
@@ -142,6 +149,6 @@ def decode_attention_triton(q, cache, page_table, kv_lens, sm_scale, window_left
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), page_table.stride(0), sm_scale * k_scale * math.log2(math.e), float(v_scale), window_left,
         cache.shape[2], hq, hk, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n or (64 if d <= 128 else 32), SPLITS=splits, MIN_CHUNK=min_chunk, FP32_DOT=not q.is_cuda,
+        BLOCK_N=block_n or token_block(d), SPLITS=splits, MIN_CHUNK=min_chunk, FP32_DOT=not q.is_cuda,
         num_warps=4, **pdl.launch_options(q.device))
     return out
