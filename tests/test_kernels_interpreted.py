@@ -163,15 +163,35 @@ def test_gemm_choice_is_not_fooled_by_a_gpu_that_speeds_up_while_it_times(monkey
     true_us = {"cuBLAS": 12.0, "cuBLAS mv": 10.0, **{name: 11.0 for name in small_m_linear.TILE_BY_NAME}}
     calls = []
 
-    def drifting(run):
-        calls.append(run.args[0])
-        return true_us[run.args[0]] + 200.0 - 3.0 * len(calls)
+    def drifting(burst):
+        calls.append(burst.name)
+        return true_us[burst.name] + 200.0 - 3.0 * len(calls)
 
     monkeypatch.setattr(small_m_linear, "time_us", drifting)
     names = small_m_linear.candidate_names(1)
-    times = small_m_linear.time_candidates(names, None, None, None)
+    times = small_m_linear.time_candidates(names, torch.randn(1, 64), torch.randn(32, 64), None)
     assert min(times, key=times.get) == "cuBLAS mv"
     assert len(calls) == (2 * small_m_linear.PAIRS + 1) * len(names) and calls[:len(names)] == names
+
+
+def test_a_timing_burst_cycles_through_a_rotation_of_weight_copies(monkeypatch):
+    """The rotation outgrows the L2 (or is the weight alone, when that does): distinct copies with equal values,
+    and a burst calls the candidate on each of them in turn."""
+    from ksbackend.kernels import small_m_linear
+
+    weight = torch.randn(96, 64)
+    rotation = small_m_linear.weight_rotation(weight)
+    assert len(rotation) == small_m_linear.MAX_COPIES and all(torch.equal(w, weight) for w in rotation)
+    assert len({w.data_ptr() for w in rotation}) == len(rotation)
+    monkeypatch.setattr(small_m_linear, "ROTATION_BYTES", 10 * weight.numel() * weight.element_size())
+    assert len(small_m_linear.weight_rotation(weight)) == 10
+    monkeypatch.setattr(small_m_linear, "ROTATION_BYTES", 1)
+    assert small_m_linear.weight_rotation(weight) == [weight]
+    seen = []
+    monkeypatch.setattr(small_m_linear, "run_candidate", lambda name, x, w, b: seen.append((name, w.data_ptr())))
+    x = torch.randn(2, 64)
+    small_m_linear.Burst("cuBLAS", x, rotation[:3], None)()
+    assert len(seen) == small_m_linear.MIN_CALLS and {p for _, p in seen} == {w.data_ptr() for w in rotation[:3]}
 
 
 def test_threads_meeting_a_new_shape_time_it_once_and_agree(monkeypatch):

@@ -171,8 +171,8 @@ PROJECTIONS = [("Llama-3.2-1B", "qkv", 3072, 2048), ("Llama-3.2-1B", "gate_up", 
 
 
 def small_m_gemm(bw, out):
-    """cuBLAS against the Triton GEMV tiles at decode shapes, L2 flushed before each call (as in a decode step):
-    the measurement ``linear_cat`` repeats per shape to pick its kernel."""
+    """cuBLAS against the Triton GEMV tiles at decode shapes, calls back to back over weight copies that outgrow the
+    L2 (as in a decode step): the measurement ``linear_cat`` repeats per shape to pick its kernel."""
     from ksbackend.kernels.small_m_linear import candidate_names, time_candidates
 
     def rows():
@@ -189,7 +189,7 @@ def small_m_gemm(bw, out):
                 yield [model, proj, f"{m} x {n} x {k}", f"{times['cuBLAS']:.1f}", mv, f"{triton_best:.1f}",
                        f"{floor:.1f}", best, f"{floor / times[best]:.0%}", f"{times['cuBLAS'] / times[best]:.2f}x"]
 
-    table(out, "Small-M projections: cuBLAS against the Triton GEMV (bf16, L2 flushed), microseconds",
+    table(out, "Small-M projections: cuBLAS against the Triton GEMV (bf16, weights streamed past the L2), microseconds",
           ["model", "projection", "M x N x K", "cuBLAS", "cuBLAS mv (M=1)", "best Triton tile", "weight-read floor",
            "winner", "winner BW util", "winner vs cuBLAS"], rows())
 

@@ -11,10 +11,10 @@ One program owns ``BLOCK_N`` output columns for all ``M`` rows and walks K: no s
 memory and no second launch; a [BLOCK_M, BLOCK_N, BLOCK_K] product summed over K in fp32, as cuBLAS accumulates.
 """
 
-import functools
 import os
 import statistics
 import threading
+import time
 
 import torch
 import triton
@@ -172,25 +172,72 @@ class ShapeChoices:
                 f"(cuBLAS {times['cuBLAS']:.1f} us)")
 
 
-def time_us(fn):
-    """Median microseconds per call over ~2 ms of calls (``time_candidates`` repeats it in rounds), the L2 cache
-    flushed before each (a decode step streams every other weight between two calls of one shape, so a weight
-    never comes from L2; back to back, a 12 MB one would)."""
-    return triton.testing.do_bench(fn, warmup=2, rep=2, return_mode="median") * 1e3
+ROTATION_BYTES = 96 * 2**20  # weight copies a timing cycles through: about twice an H100/H200's 50 MB L2
+MAX_COPIES = 128
+MIN_CALLS = 16
+HOST_HEAD_START_S = 30e-6  # per call of a burst: the GPU spins this long first, while the host enqueues the burst
+
+
+class Burst:
+    """One candidate called back to back on x2d against a rotation of weight copies: enough copies that every call
+    streams its weight from memory, as in a decode step (which reads every other weight between two calls of one
+    shape), and at least MIN_CALLS calls."""
+
+    def __init__(self, name, x2d, weights, bias):
+        self.name, self.x2d, self.weights, self.bias = name, x2d, weights, bias
+        self.calls = max(MIN_CALLS, len(weights))
+
+    def __call__(self):
+        for i in range(self.calls):
+            run_candidate(self.name, self.x2d, self.weights[i % len(self.weights)], self.bias)
+
+
+def weight_rotation(weight) -> list:
+    """``weight`` and as many copies as ROTATION_BYTES takes (MAX_COPIES at most)."""
+    count = min(MAX_COPIES, max(1, -(-ROTATION_BYTES // (weight.numel() * weight.element_size()))))
+    return [weight, *(weight.clone() for _ in range(count - 1))]
+
+
+def wake_gpu(device, seconds=0.05):
+    """Keep the GPU busy for ``seconds`` so its clocks are up. A shape is first timed after a long compile that left
+    the GPU idle; timed one call at a time there (H100, Llama-3.2-1B), every candidate took 34-48 us for GEMVs
+    that run in 6-24 us in the decode graph, idle clocks or a host-bound launch, and cuBLAS won every shape."""
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16, device=device)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ a
+        torch.cuda.synchronize(device)
+
+
+def time_us(burst):
+    """Microseconds per call of a ``Burst``, its calls back to back on the GPU. The GPU spins first while the host
+    enqueues the whole burst, so no call waits for its launch. Triton's do_bench times one call at a time behind an
+    L2 flush: a slow or busy host's launch counted into every candidate alike, and a split-K GEMM's reduce ran
+    apart from the next call. Here, as in the decode graph, a PDL-launched Triton call overlaps the end of the one
+    before it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(burst.calls * HOST_HEAD_START_S * 2e9))  # cycles: the head start at up to 2 GHz
+    start.record()
+    burst()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / burst.calls
 
 
 PAIRS = 3
 
 
 def time_candidates(names, x2d, weight, bias):
-    """Microseconds per candidate, robust to a GPU whose speed drifts while it times. The first shape is timed
-    right after a long compile, with the clocks still rising: timed one after the other, the first candidates ran
-    ~40% slow inside the model on the H100 (qkv 16.6 us against 10.5 standalone), so a slower kernel won. Here a
-    discarded warm-up round comes first, then ``PAIRS`` pairs of rounds, each pair once forward and once backward
-    (a linear drift adds the same to every candidate's pair mean), and the median pair mean counts."""
-    runs = {name: functools.partial(run_candidate, name, x2d, weight, bias) for name in names}
+    """Microseconds per candidate, robust to a GPU whose speed drifts while it times. The clocks are woken first;
+    then a discarded warm-up round (compiles), then ``PAIRS`` pairs of rounds, each pair once forward and once
+    backward (a linear drift adds the same to every candidate's pair mean), and the median pair mean counts."""
+    if x2d is not None and x2d.is_cuda:
+        wake_gpu(x2d.device)
+    weights = weight_rotation(weight)
+    runs = {name: Burst(name, x2d, weights, bias) for name in names}
     for run in runs.values():
-        time_us(run)  # warm-up round: compiles, wakes the clocks; discarded
+        time_us(run)  # warm-up round: compiles, picks cuBLAS's algorithms; discarded
     pair_means = {name: [] for name in names}
     for _ in range(PAIRS):
         forward = {name: time_us(run) for name, run in runs.items()}
