@@ -154,7 +154,7 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
             compiled = gm.forward
     # after compiling: AOTAutograd fakifies these very tensors against what Dynamo recorded of them
     packed = _pack_weights(gm, example_inputs)
-    report.packed = len(packed)
+    report.packed = sum(len(group) > 1 for group in packed)  # a lone weight is only registered as a parameter
     report.compile_ms = (time.perf_counter() - start) * 1e3
     for recorder in _recorders():
         recorder.add_graph(report)

@@ -166,3 +166,22 @@ def test_a_runtime_decision_reaches_the_models_report_and_the_global_one():
     record_event("after the block")
     assert mine.snapshot().events == ["linear M=1 N=7 K=5 bfloat16: cuBLAS, 1.0 us (cuBLAS 1.0 us)"]
     assert GLOBAL.snapshot().events[-2:] == [mine.snapshot().events[0], "after the block"]
+
+
+def test_a_lone_linear_over_a_strided_weight_or_a_callers_tensor_stays_correct():
+    """A lone linear becomes a one-weight ``linear_cat``. A weight that is not contiguous stays as it is (re-pointing
+    it at a copy would change the strides Dynamo guards on, and the guard failed), and a tensor the caller passes
+    in is not taken for a parameter no kernel writes (a GEMV under PDL would read it before waiting)."""
+    from ksbackend.ops.linear import is_packed_parameter
+
+    linear = torch.nn.Linear(5, 8, bias=False)
+    linear.weight = torch.nn.Parameter(torch.randn(5, 8).t())
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(compile_fx(linear)(x), x @ linear.weight.T, rtol=0, atol=0)
+    assert not linear.weight.is_contiguous()
+    assert ksbackend.explain().matched("projections") == 1
+    weight = torch.randn(8, 5)
+    out = compile_fx(lambda x, w: torch.nn.functional.linear(x, w))(x, weight)
+    torch.testing.assert_close(out, x @ weight.T, rtol=0, atol=0)
+    assert not is_packed_parameter(weight)

@@ -44,9 +44,11 @@ def adjacent_base(tensors):
 
 def pack_adjacent(tensors) -> bool:
     """Put ``tensors`` (parameters) back to back in one new buffer and re-point each at its view of it.
-    Returns False (and changes nothing) when they cannot share one buffer."""
+    Returns False (and changes nothing) when they cannot share one buffer, and for one tensor that is not
+    contiguous already: alone it needs no buffer, and re-pointing it would change strides Dynamo guards on.
+    Only parameters are registered as never written during a step."""
     if adjacent_base(tensors) is None:
-        if not _stackable(tensors):
+        if len(tensors) == 1 or not _stackable(tensors):
             return False
         with torch.no_grad():
             packed = torch.cat([t.detach() for t in tensors])
@@ -54,7 +56,8 @@ def pack_adjacent(tensors) -> bool:
             for t in tensors:
                 t.data = packed[start:start + t.shape[0]]
                 start += t.shape[0]
-    _PACKED_PARAMETERS[tensors[0].untyped_storage().data_ptr()] = tensors[0]
+    if all(isinstance(t, torch.nn.Parameter) for t in tensors):  # a graph input of the user's may be written
+        _PACKED_PARAMETERS[tensors[0].untyped_storage().data_ptr()] = tensors[0]
     return True
 
 
@@ -68,6 +71,8 @@ def is_packed_parameter(tensor) -> bool:
 
 def packed_weight(tensors):
     """The one [sum N_i, K] weight (or bias) of ``tensors``: a view when they are back to back, else a copy."""
+    if len(tensors) == 1:
+        return tensors[0]
     base = adjacent_base(tensors)
     return base if base is not None else torch.cat(tensors)
 
