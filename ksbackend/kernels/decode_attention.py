@@ -123,7 +123,7 @@ def token_block(head_dim):
     """Tokens per loop step: a [block, head_dim] K tile of 8192 elements (64 tokens at head_dim 128). Each step is a
     chain of dependent loads (page ids, then K and V), so at a short context the step count is the latency: a
     64-wide head (SmolLM's 135M shape) takes 128 tokens a step, one step at a 128-token context, not two."""
-    return max(16, min(128, 8192 // head_dim))
+    return max(16, min(128, 8192 // triton.next_power_of_2(head_dim)))
 
 
 def decode_attention_triton(q, cache, page_table, kv_lens, sm_scale, window_left, workspace, k_scale=1.0,

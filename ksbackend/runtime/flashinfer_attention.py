@@ -69,13 +69,18 @@ class FlashInferAttention:
         group = self.num_qo_heads // self.pool.num_kv_heads
         hopper = torch.cuda.get_device_capability(self.pool.device)[0] == 9
         xqa_ok = hopper and self.pool.page_size in XQA_PAGE_SIZES
+        head_dim = self.pool.head_dim
+        triton_ok = head_dim & (head_dim - 1) == 0  # its tiles span the head: a power of 2
         if name == "auto":  # the measured table in docs/benchmarks.md ("Decode kernel by shape")
-            if hopper and self.pool.head_dim <= TRITON_AUTO_MAX_HEAD_DIM:
+            if hopper and triton_ok and head_dim <= TRITON_AUTO_MAX_HEAD_DIM:
                 return "triton"
             return "xqa" if xqa_ok and self._xqa_runs() else "tensor_cores"
         if name == "cuda_cores" and group not in CUDA_CORE_GROUP_SIZES:
             raise UnsupportedAttention(f"decode_kernel='cuda_cores' takes GQA group sizes {CUDA_CORE_GROUP_SIZES}, "
                                        f"this model has {group}; use 'tensor_cores'")
+        if name == "triton" and not triton_ok:
+            raise UnsupportedAttention(f"decode_kernel='triton' takes head sizes that are powers of 2, this model has "
+                                       f"{head_dim}; use 'tensor_cores'")
         if name == "xqa" and not xqa_ok:
             raise UnsupportedAttention(f"decode_kernel='xqa' needs a Hopper GPU and page_size in {XQA_PAGE_SIZES}")
         return name
