@@ -240,6 +240,11 @@ def _dynamo_compile_seconds() -> float:
     return sum(sum(metrics.get(name, ())) for name in ("_compile.compile_inner", "fullgraph_capture"))
 
 
+def _choice_shape(entry) -> tuple:
+    """(M, N, K, dtype, bias) of one stored GEMM choice."""
+    return tuple(entry[:5])
+
+
 class CompileCache:
     """``with cache:`` around the calls that compile: the first block loads the stored artifacts, and each
     block that compiled a graph saves them (atomically). An unreadable entry is logged and ignored; a cache
@@ -252,7 +257,7 @@ class CompileCache:
         self.path = cache_root(directory) / key
         self.description = description
         self.device = device if device is not None and device.type == "cuda" else None
-        self._gemm_stored = 0  # choices the entry's file holds, as far as this process knows
+        self._gemm_stored = set()  # shapes whose choice the entry's file holds, as far as this process knows
         self.stats = CacheStats(key=key, directory=str(self.path), enabled=enabled)
         self._loaded = not enabled
         self._stored = frozenset()  # the artifacts the entry on disk holds, as far as this process knows
@@ -317,18 +322,22 @@ class CompileCache:
     def _load_gemm_choices(self) -> None:
         if self.device is None:
             return
+        from .backend import record_event
         from .kernels.small_m_linear import SHAPE_CHOICES
 
         file = self.path / GEMM_FILE
         try:
             entries = json.loads(_unpack(file.read_bytes()))
-            self.stats.gemm_choices_loaded = SHAPE_CHOICES.seed(entries, self.device.index or 0)
+            adopted = SHAPE_CHOICES.seed(entries, self.device.index)
         except FileNotFoundError:
             return
         except Exception as exc:  # noqa: BLE001 - an unusable file costs the timing, never the model
             log.warning("kernelstack compile cache: ignored %s: %s: %s", file, type(exc).__name__, exc)
             return
-        self._gemm_stored = len(entries)
+        self.stats.gemm_choices_loaded = len(adopted)
+        self._gemm_stored = {_choice_shape(entry) for entry in entries}
+        for key in adopted:
+            record_event(f"linear {SHAPE_CHOICES.describe(key)} (measured by an earlier process)")
 
     def _save_gemm_choices(self) -> None:
         """Store this device's choices when there are more than the file holds (they only ever grow)."""
@@ -336,15 +345,16 @@ class CompileCache:
             return
         from .kernels.small_m_linear import SHAPE_CHOICES
 
-        entries = SHAPE_CHOICES.export(self.device.index or 0)
-        if len(entries) <= self._gemm_stored:
+        entries = SHAPE_CHOICES.export(self.device.index)
+        shapes = {_choice_shape(entry) for entry in entries}
+        if shapes <= self._gemm_stored:
             return
         try:
             write_atomic(self.path / GEMM_FILE, _pack(json.dumps(entries).encode()))
         except OSError as exc:
             log.warning("kernelstack compile cache: GEMM choices not saved to %s: %s", self.path, exc)
             return
-        self._gemm_stored = len(entries)
+        self._gemm_stored = shapes
 
     def __enter__(self):
         if not self._loaded:

@@ -132,6 +132,7 @@ def test_an_unreadable_entry_is_ignored(tmp_path, monkeypatch, caplog, damage):
 
 def test_gemm_choices_measured_in_one_process_are_adopted_by_the_next(tmp_path, monkeypatch, caplog):
     from ksbackend.kernels import small_m_linear
+    from ksbackend.report import GLOBAL
 
     gpu = torch.device("cuda", 0)  # only a device object: nothing runs on it
     measured = small_m_linear.ShapeChoices()
@@ -148,8 +149,20 @@ def test_gemm_choices_measured_in_one_process_are_adopted_by_the_next(tmp_path, 
         pass
     assert fresh.winners == {key: measured.winners[key]}
     assert "1 GEMM choices loaded" in cache.describe()
-    # a damaged file costs the timing only
+    assert any("N=3072 K=2048 bfloat16: Triton 8x512/4" in e and "earlier process" in e
+               for e in GLOBAL.snapshot().events)
+    # a file with one malformed row adopts nothing
     file = tmp_path / "k" / compile_cache.GEMM_FILE
+    rows = json.loads(compile_cache._unpack(file.read_bytes()))
+    good = file.read_bytes()
+    file.write_bytes(compile_cache._pack(json.dumps(rows + [[1, 8, 8, "not_a_dtype", False, "cuBLAS",
+                                                             {"cuBLAS": 1.0}]]).encode()))
+    monkeypatch.setattr(small_m_linear, "SHAPE_CHOICES", small_m_linear.ShapeChoices())
+    with CompileCache("k", tmp_path, device=gpu):
+        pass
+    assert small_m_linear.SHAPE_CHOICES.winners == {} and "not a GEMM choice" in caplog.text
+    file.write_bytes(good)
+    # a damaged file costs the timing only
     file.write_bytes(file.read_bytes()[:-5])
     monkeypatch.setattr(small_m_linear, "SHAPE_CHOICES", small_m_linear.ShapeChoices())
     with CompileCache("k", tmp_path, device=gpu):

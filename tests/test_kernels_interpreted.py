@@ -188,10 +188,12 @@ def test_a_timing_burst_cycles_through_a_rotation_of_weight_copies(monkeypatch):
     monkeypatch.setattr(small_m_linear, "ROTATION_BYTES", 1)
     assert small_m_linear.weight_rotation(weight) == [weight]
     seen = []
-    monkeypatch.setattr(small_m_linear, "run_candidate", lambda name, x, w, b: seen.append((name, w.data_ptr())))
+    monkeypatch.setattr(small_m_linear, "run_candidate",
+                        lambda name, x, w, b, static_weight: seen.append((name, w.data_ptr(), static_weight)))
     x = torch.randn(2, 64)
     small_m_linear.Burst("cuBLAS", x, rotation[:3], None)()
-    assert len(seen) == small_m_linear.MIN_CALLS and {p for _, p in seen} == {w.data_ptr() for w in rotation[:3]}
+    assert len(seen) == small_m_linear.MIN_CALLS and {p for _, p, _ in seen} == {w.data_ptr() for w in rotation[:3]}
+    assert all(static for _, _, static in seen)  # the copies are never written, as a parameter in the graph
 
 
 def test_threads_meeting_a_new_shape_time_it_once_and_agree(monkeypatch):

@@ -11,6 +11,9 @@ One program owns ``BLOCK_N`` output columns for all ``M`` rows and walks K: no s
 memory and no second launch; a [BLOCK_M, BLOCK_N, BLOCK_K] product summed over K in fp32, as cuBLAS accumulates.
 """
 
+import contextlib
+import logging
+import math
 import os
 import statistics
 import threading
@@ -21,6 +24,8 @@ import triton
 import triton.language as tl
 
 from . import pdl
+
+log = logging.getLogger("ksbackend")
 
 MAX_ROWS = 8  # above this a GEMM tile reuses each weight load across rows; cuBLAS is the right tool
 # (BLOCK_N, BLOCK_K, num_warps): narrow tiles give the many programs a weight stream needs on ~132 SMs
@@ -138,36 +143,50 @@ class ShapeChoices:
             with self.lock:
                 if key in self.winners:  # another thread timed it meanwhile
                     return self.winners[key][0]
-            times = time_candidates(candidate_names(m), x2d, weight, bias)
+            try:
+                with torch.cuda.device(x2d.device) if x2d.is_cuda else contextlib.nullcontext():  # (tests: CPU)
+                    times = time_candidates(candidate_names(m), x2d, weight, bias)
+                    winner = min(times, key=times.get)
+            except Exception as exc:  # noqa: BLE001 - a timing that fails (memory for the copies) costs speed only
+                log.warning("kernelstack: timing the GEMM candidates for %s failed (%s: %s); using cuBLAS", key,
+                            type(exc).__name__, exc)
+                times, winner = {"cuBLAS": float("nan")}, "cuBLAS"
             with self.lock:
-                self.winners[key] = (min(times, key=times.get), times)
+                self.winners[key] = (winner, times)
         from ..backend import record_event
 
         record_event(f"linear {self.describe(key)}")
-        return self.winners[key][0]
+        return winner
 
     def export(self, device_index) -> list:
-        """The winners on one device, JSON-ready (no device index: a later process may see the GPU as another)."""
+        """The measured winners on one device, JSON-ready (no device index: a later process may see the GPU as
+        another; a failed timing is not kept)."""
         with self.lock:
             return [[*key[:3], str(key[3]).removeprefix("torch."), key[4], name, times]
-                    for key, (name, times) in self.winners.items() if key[5] == device_index]
+                    for key, (name, times) in self.winners.items()
+                    if key[5] == device_index and math.isfinite(times[name])]
 
-    def seed(self, entries, device_index) -> int:
+    def seed(self, entries, device_index) -> list:
         """Adopt winners an earlier process measured on this GPU model (``export``'s list) for shapes not yet
-        decided here; returns how many were new."""
-        added = 0
+        decided here; returns the keys adopted. ValueError, adopting none, if any entry is malformed."""
+        parsed = []
+        for entry in entries:
+            m, n, k, dtype, bias, name, times = entry
+            if not (isinstance(times, dict) and name in times and "cuBLAS" in times and name in candidate_names(m)
+                    and isinstance(getattr(torch, str(dtype), None), torch.dtype)):
+                raise ValueError(f"not a GEMM choice: {entry!r}")
+            parsed.append(((m, n, k, getattr(torch, dtype), bool(bias), device_index), (name, times)))
         with self.lock:
-            for m, n, k, dtype, bias, name, times in entries:
-                key = (m, n, k, getattr(torch, dtype), bias, device_index)
-                if key not in self.winners and name in times and "cuBLAS" in times and name in candidate_names(m):
-                    self.winners[key] = (name, times)
-                    added += 1
+            added = [key for key, _ in parsed if key not in self.winners]
+            self.winners.update((key, choice) for key, choice in parsed if key in added)
         return added
 
     def describe(self, key):
         """The shape, its winner and the winner's time against cuBLAS's."""
         m, n, k, dtype = key[:4]
         name, times = self.winners[key]
+        if not math.isfinite(times[name]):
+            return f"M<={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: cuBLAS (the timing failed; see the log)"
         return (f"M<={m} N={n} K={k} {str(dtype).removeprefix('torch.')}: {name}, {times[name]:.1f} us "
                 f"(cuBLAS {times['cuBLAS']:.1f} us)")
 
@@ -181,15 +200,17 @@ HOST_HEAD_START_S = 30e-6  # per call of a burst: the GPU spins this long first,
 class Burst:
     """One candidate called back to back on x2d against a rotation of weight copies: enough copies that every call
     streams its weight from memory, as in a decode step (which reads every other weight between two calls of one
-    shape), and at least MIN_CALLS calls."""
+    shape), and at least MIN_CALLS calls. The copies are never written, so the GEMV reads them as the graph reads a
+    parameter (``static_weight``)."""
 
     def __init__(self, name, x2d, weights, bias):
         self.name, self.x2d, self.weights, self.bias = name, x2d, weights, bias
         self.calls = max(MIN_CALLS, len(weights))
+        self.head_start_s = HOST_HEAD_START_S  # per call; doubled when the host fell behind
 
     def __call__(self):
         for i in range(self.calls):
-            run_candidate(self.name, self.x2d, self.weights[i % len(self.weights)], self.bias)
+            run_candidate(self.name, self.x2d, self.weights[i % len(self.weights)], self.bias, static_weight=True)
 
 
 def weight_rotation(weight) -> list:
@@ -217,11 +238,16 @@ def time_us(burst):
     apart from the next call. Here, as in the decode graph, a PDL-launched Triton call overlaps the end of the one
     before it."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(int(burst.calls * HOST_HEAD_START_S * 2e9))  # cycles: the head start at up to 2 GHz
-    start.record()
-    burst()
-    end.record()
-    end.synchronize()
+    for _ in range(4):
+        torch.cuda._sleep(int(burst.calls * burst.head_start_s * 2e9))  # cycles: the head start at up to 2 GHz
+        start.record()
+        burst()
+        behind = start.query()  # the spin ended before the host had enqueued the burst: calls may have waited
+        end.record()
+        end.synchronize()
+        if not behind:
+            break
+        burst.head_start_s *= 2
     return start.elapsed_time(end) * 1e3 / burst.calls
 
 
