@@ -147,6 +147,42 @@ def test_cuda_graph_decode_equals_eager_decode(kv_cache_dtype, decode_kernel, do
     assert "graph replays: " in report and f"decode kernel {decode_kernel} " in report
 
 
+def test_two_models_capture_and_replay_their_graphs_in_two_threads():
+    """Two optimized copies, each first generating (compile, GEMM timing, graph capture) in its own thread at once:
+    one thread's synchronizing calls must not break the other's capture, and both give the tokens each gives
+    alone."""
+    import threading
+
+    model, ids, mask = copy_task("llama", prompts=6)
+    work = {"first": slice(0, 6), "second": slice(0, 3)}  # two batch sizes: two buckets
+
+    def generate(optimized, rows):
+        return optimized.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=20, do_sample=False,
+                                  pad_token_id=0)
+
+    models = {name: ksbackend.optimize(copy.deepcopy(model)) for name in work}
+    results, errors = {}, []
+    start = threading.Barrier(len(work))
+
+    def worker(name):
+        try:
+            start.wait()
+            results[name] = generate(models[name], work[name])
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    alone = ksbackend.optimize(copy.deepcopy(model))
+    for name, rows in work.items():
+        assert torch.equal(results[name], generate(alone, rows)), name
+        assert "graph replays: " in str(ksbackend.explain(models[name]))
+
+
 @pytest.mark.parametrize("decode_kernel", ["triton", "auto"])
 def test_programmatic_dependent_launch_changes_no_token(monkeypatch, decode_kernel):
     """Under PDL a kernel starts before the one before it has finished and waits on a grid dependency before

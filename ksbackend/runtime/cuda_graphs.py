@@ -45,7 +45,9 @@ class CudaGraphRunner:
                 self.fn(bucket)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.memory_pool):
+        # thread_local: another thread's model may synchronize, allocate or time a GEMM meanwhile (global mode
+        # would fail this capture for it); this thread makes no such call while it captures
+        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
             output = self.fn(bucket)
         self.graphs[bucket] = (graph, output)
         if self.after_capture:
