@@ -291,6 +291,31 @@ def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_
         assert not workspace.part_ml.isnan().all()  # the long rows were split and merged, not one program each
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_decode_attention_at_its_own_token_block_over_long_rows(splits):
+    """The kernel's own block (128 tokens at these head sizes): rows of several loop steps, and with 4 splits rows
+    long enough for the in-kernel merge (256 tokens a split at least), against the dense reference."""
+    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace, decode_attention_triton, token_block
+    from ksbackend.ops.paged_attention import decode_attention_reference
+    from ksbackend.runtime.kv_pool import KVPool
+    from ksbackend.runtime.metadata import DecodeMetadata
+
+    dev, d, page = device_for_test(), 32, 16
+    assert token_block(d) == 128 and token_block(80) == token_block(128) == 64
+    lens = torch.tensor([1, 129, 600, 257], dtype=torch.int32, device=dev)
+    width = -(-int(lens.max()) // page)
+    pool = KVPool(1, 2, d, 4 * width, page, torch.bfloat16, dev)
+    pool.caches[0].copy_(torch.randn(pool.caches[0].shape, device=dev).to(pool.caches[0].dtype))
+    table = torch.randperm(4 * width, device=dev).view(4, width).to(torch.int32)
+    meta = DecodeMetadata(slots=torch.zeros(4, dtype=torch.int64, device=dev), kv_lens=lens, page_table=table,
+                          page_size=page)
+    workspace = TritonDecodeWorkspace(4, 8, 2, d, dev)
+    q = torch.randn(4, 8, d, dtype=torch.bfloat16, device=dev)
+    out = decode_attention_triton(q, pool.caches[0], table, lens, d**-0.5, -1, workspace, splits=splits)
+    torch.testing.assert_close(out, decode_attention_reference(q, 0, d**-0.5, -1, pool, meta), atol=2e-2, rtol=2e-2)
+    assert int(workspace.counts.abs().sum()) == 0
+
+
 def test_threads_first_generating_one_chain_share_one_kernel():
     """Two models first running a norm in two threads: one module, no clash over its file."""
     import threading
