@@ -73,12 +73,13 @@ class ProjectionFusionPass(GraphPass):
         first = min(linears, key=order.get)
         with graph.inserting_before(first):
             fused = graph.call_function(ks.linear_cat.default, (x, weights, biases))
-        fused.meta[PACK_META] = [[w.name for w in weights]] + ([[b.name for b in biases]] if biases else [])
-        if len(linears) == 1:  # nothing to slice
-            fused.meta = {**linears[0].meta, PACK_META: fused.meta[PACK_META]}
+        pack = [[w.name for w in weights]] + ([[b.name for b in biases]] if biases else [])
+        if len(linears) == 1:  # nothing to slice: the op takes the linear's place, meta and all
+            fused.meta = {**linears[0].meta, PACK_META: pack}
             linears[0].replace_all_uses_with(fused)
             graph.erase_node(linears[0])
             return
+        fused.meta[PACK_META] = pack
         start = 0
         for node in linears:
             width = shape_of(node)[-1]

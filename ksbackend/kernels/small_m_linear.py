@@ -179,9 +179,9 @@ class ShapeChoices:
                 raise ValueError(f"not a GEMM choice: {entry!r}")
             parsed.append(((m, n, k, getattr(torch, dtype), bool(bias), device_index), (name, times)))
         with self.lock:
-            added = [key for key, _ in parsed if key not in self.winners]
-            self.winners.update((key, choice) for key, choice in parsed if key in added)
-        return added
+            added = {key: choice for key, choice in parsed if key not in self.winners}
+            self.winners.update(added)
+        return list(added)
 
     def describe(self, key):
         """The shape, its winner and the winner's time against cuBLAS's."""
@@ -260,7 +260,7 @@ def time_candidates(names, x2d, weight, bias):
     """Microseconds per candidate, robust to a GPU whose speed drifts while it times. The clocks are woken first;
     then a discarded warm-up round (compiles), then ``PAIRS`` pairs of rounds, each pair once forward and once
     backward (a linear drift adds the same to every candidate's pair mean), and the median pair mean counts."""
-    if x2d is not None and x2d.is_cuda:
+    if x2d.is_cuda:
         wake_gpu(x2d.device)
     weights = weight_rotation(weight)
     runs = {name: Burst(name, x2d, weights, bias) for name in names}
