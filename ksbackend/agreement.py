@@ -89,6 +89,13 @@ class ForcedAccuracy:
     mean_kl: float  # mean KL(fp32 || candidate) of the next-token distributions, in nats
     top1: float  # share of positions whose argmax is fp32's argmax
     positions: int
+    # top1 over the positions where fp32's best token leads its second by DECISIVE_GAP or more: elsewhere the argmax is
+    # a near-tie that any bf16 rounding may flip either way, and counting it measures luck, not accuracy
+    decisive_top1: float = float("nan")
+    decisive_positions: int = 0
+
+
+DECISIVE_GAP = 0.1  # nats between fp32's two best log-probs: ~10x the logit noise of a bf16 forward
 
 
 def hf_forced_logprobs(model, prompts, targets) -> torch.Tensor:
@@ -106,7 +113,10 @@ def forced_accuracy(reference: torch.Tensor, candidate: torch.Tensor) -> ForcedA
     reference, candidate = reference.float(), candidate.float().to(reference.device)
     kl = (reference.exp() * (reference - candidate)).sum(-1)
     top1 = (reference.argmax(-1) == candidate.argmax(-1)).float()
-    return ForcedAccuracy(float(kl.mean()), float(top1.mean()), kl.numel())
+    best_two = reference.topk(2, dim=-1).values
+    decisive = (best_two[..., 0] - best_two[..., 1]) >= DECISIVE_GAP
+    return ForcedAccuracy(float(kl.mean()), float(top1.mean()), kl.numel(), float(top1[decisive].mean()),
+                          int(decisive.sum()))
 
 
 def teacher_forced(model, fp32_model, input_ids, attention_mask, new_tokens, candidates) -> dict:

@@ -9,6 +9,7 @@ To experiment, write a ``GraphPass`` (or a plain function ``fn(gm, result)``) an
 from .activation import ActivationMulPass
 from .attention import AttentionPass
 from .base import FunctionPass, GraphPass, PassResult
+from .linear_prologue import LinearProloguePass
 from .pipeline import run_passes
 from .projections import ProjectionFusionPass
 from .rms_norm import RMSNormPass
@@ -18,7 +19,8 @@ from .rope_table import RopeTablePass
 from .sampling import SamplingPass
 
 # Order: the table first (its outputs feed the rotations), then rotations, attention, norms, MLP, the
-# projections (their outputs are sliced views the earlier patterns need not know about), and last the
+# projections (their outputs are sliced views the earlier patterns need not know about), the norms and activations
+# folded into the linears they feed (both must exist first), and last the
 # rotations moved into the paged attention that reads them (the rope pass made them first); sampling chains
 # (a user's own decode loop) touch none of the above.
 DEFAULT_PASSES: list[GraphPass] = [
@@ -28,6 +30,7 @@ DEFAULT_PASSES: list[GraphPass] = [
     RMSNormPass(),
     ActivationMulPass(),
     ProjectionFusionPass(),
+    LinearProloguePass(),
     RopeIntoAttentionPass(),
     SamplingPass(),
 ]
@@ -66,4 +69,4 @@ def unregister_pass(name: str) -> None:
 
 __all__ = ["DEFAULT_PASSES", "GraphPass", "FunctionPass", "PassResult", "register_pass", "unregister_pass",
            "run_passes", "as_pass", "AttentionPass", "RMSNormPass", "RopePass", "RopeTablePass", "ActivationMulPass",
-           "ProjectionFusionPass", "RopeIntoAttentionPass", "SamplingPass"]
+           "ProjectionFusionPass", "LinearProloguePass", "RopeIntoAttentionPass", "SamplingPass"]

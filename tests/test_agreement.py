@@ -46,3 +46,21 @@ def test_copy_task_is_periodic_and_learnable():
     model = build_model(tiny_config("llama", hidden_size=128, intermediate_size=256, head_dim=32))
     accuracy = fit_copy_task(model, steps=400, batch=16, length=64, seed=1)
     assert accuracy >= 0.99 and not model.training
+
+
+def test_forced_accuracy_counts_top1_apart_at_near_ties():
+    """A flipped near-tie lowers top-1 but not the decisive top-1; a flipped decisive position lowers both."""
+    from ksbackend.agreement import DECISIVE_GAP, forced_accuracy
+
+    logits = torch.randn(4, 50) * 0.01
+    logits[:, 7] += 5.0  # every position decisive for token 7 ...
+    logits[0, 3] = logits[0, 7] - DECISIVE_GAP / 10  # ... but position 0, a near-tie between 7 and 3
+    reference = logits.log_softmax(-1)
+    near_tie_flipped = logits.clone()
+    near_tie_flipped[0, 3] += DECISIVE_GAP / 5
+    result = forced_accuracy(reference, near_tie_flipped.log_softmax(-1))
+    assert (result.top1, result.decisive_top1, result.decisive_positions) == (0.75, 1.0, 3)
+    decisive_flipped = near_tie_flipped.clone()
+    decisive_flipped[1, 0] += 6.0
+    result = forced_accuracy(reference, decisive_flipped.log_softmax(-1))
+    assert result.top1 == 0.5 and abs(result.decisive_top1 - 2 / 3) < 1e-6 and result.mean_kl > 0

@@ -258,3 +258,34 @@ def test_inductor_executor_trains():
     assert graph.executor == "inductor" and all(graph.matched(name) > 0 for name in PASSES)
     assert_grads_match({n: p.grad for n, p in model.named_parameters()},
                        {n: p.grad for n, p in reference.named_parameters()})
+
+
+@pytest.mark.parametrize("producer", ["rms_norm", "add_rms_norm", "act_and_mul"])
+def test_fused_linear_ops_equal_their_two_ops_forward_and_backward(producer):
+    """Each fused op's value and every gradient equal those of the two ops it replaces, exactly (its backward
+    chains theirs); opcheck runs its registrations."""
+    x, residual = leaves(torch.randn(3, 5, 16), torch.randn(3, 5, 16))
+    norm_weight, *weights = leaves(torch.randn(16), torch.randn(4, 16), torch.randn(6, 16))
+    biases = list(leaves(torch.randn(4), torch.randn(6)))
+    if producer == "rms_norm":
+        args = (x, norm_weight, 1e-6, 1.0, None, torch.float32)
+        fused = ks.rms_norm_linear(*args, weights, biases)
+        pair = ks.linear_cat(ks.rms_norm(*args), weights, biases)
+    elif producer == "add_rms_norm":
+        args = (x, residual, norm_weight, 1e-6, 0.0, torch.float32, torch.float32)
+        fused = ks.add_rms_norm_linear(*args, weights, biases)
+        normed, summed = ks.add_rms_norm(*args)
+        pair = (ks.linear_cat(normed, weights, biases), summed)
+    else:
+        args = (x, residual, "silu")
+        fused = ks.act_and_mul_linear(*args, weights, biases)
+        pair = ks.linear_cat(ks.act_and_mul(*args), weights, biases)
+    fused, pair = (v if isinstance(v, tuple) else (v,) for v in (fused, pair))
+    inputs = [t for t in (x, residual, norm_weight) if any(t is a for a in args)] + weights + biases
+    grads = [torch.randn_like(v) for v in fused]
+    assert all(torch.equal(f, p) for f, p in zip(fused, pair))
+    for got, expected in zip(torch.autograd.grad(fused, inputs, grads), torch.autograd.grad(pair, inputs, grads)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    op = getattr(ks, f"{producer}_linear").default
+    torch.library.opcheck(op, tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+                          + ([w.detach() for w in weights], [b.detach() for b in biases]))

@@ -155,6 +155,86 @@ def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bi
         torch.testing.assert_close(small_m_linear_triton(x, w, b, tile), ref, **TOL[dtype])
 
 
+def prologue_case(kind, m, k, dtype, dev):
+    """(x2d, Prologue, what the GEMV's input must be: the unfused op's output) for one prologue kind."""
+    from ksbackend.kernels.small_m_linear import ACT_MUL, ACTIVATIONS, PLAIN, RMS_NORM, Prologue
+
+    x = torch.randn(m, 2 * k, dtype=dtype, device=dev)[:, :k]  # a row stride that is not K, as a gate half has
+    aux = torch.randn(m, 2 * k, dtype=dtype, device=dev)[:, k:]
+    if kind == "plain":
+        return x, Prologue(PLAIN), x
+    if kind in ACTIVATIONS:
+        return x, Prologue(ACT_MUL, aux=aux, activation=ACTIVATIONS[kind]), act_and_mul_reference(x, aux, kind)
+    gemma = kind.endswith("gemma")
+    w = torch.randn(k, dtype=dtype, device=dev) * 0.3 + (0.0 if gemma else 1.0)
+    offset, cast_to = (1.0, None) if gemma else (0.0, dtype)
+    residual = aux if kind.startswith("add") else None
+    summed = torch.empty(m, k, dtype=dtype, device=dev) if residual is not None else None
+    rows = x if residual is None else (x + residual)
+    expected = rms_norm_reference(rows, w, 1e-5, offset, cast_to, dtype)
+    prologue = Prologue(RMS_NORM, aux=residual, norm_weight=w, eps=1e-5, weight_offset=offset,
+                        summed=summed)
+    return x, prologue, expected
+
+
+@pytest.mark.parametrize("kind", ["plain", "silu", "gelu_tanh", "norm", "add_norm", "add_norm_gemma"])
+@pytest.mark.parametrize("m,n,k", [(1, 19, 300), (3, 40, 1030), (8, 5, 37)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_m_linear_prologue_equals_the_producer_then_the_linear(kind, m, n, k, dtype):
+    """The GEMV that computes its own input (a norm, with the residual sum stored once; act(gate) * up) gives what
+    the producer's op followed by F.linear gives, for every tile, at K no block divides."""
+    from ksbackend.kernels.small_m_linear import TILE_BY_NAME, candidate_names, small_m_linear_triton
+
+    dev = device_for_test()
+    x, prologue, produced = prologue_case(kind, m, k, dtype, dev)
+    w = torch.randn(n, k, dtype=dtype, device=dev) / k**0.5
+    b = torch.randn(n, dtype=dtype, device=dev)
+    ref = torch.nn.functional.linear(produced.float(), w.float(), b.float()).to(dtype)
+    for name in candidate_names(m):
+        if name.startswith("Triton"):
+            if prologue.summed is not None:
+                prologue.summed.normal_()  # stale values: the kernel must write every element
+            torch.testing.assert_close(small_m_linear_triton(x, w, b, TILE_BY_NAME[name], prologue=prologue), ref,
+                                       **TOL[dtype])
+            if prologue.summed is not None:
+                # (to a tolerance: the interpreter rounds to bf16 its own way)
+                torch.testing.assert_close(prologue.summed, x + prologue.aux, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_linear_ops_on_cuda_run_the_prologue_only_where_the_gemv_won(fused, monkeypatch):
+    """The CUDA implementations of the three fused ops (run here by the interpreter on CPU tensors): with a Triton
+    tile chosen for the shape, one GEMV launch computes the producer too; with cuBLAS chosen, the producer's kernel
+    and then the linear. Both against the op's reference, and the residual sum alike."""
+    import ksbackend.kernels as kernels
+    from ksbackend.kernels import small_m_linear
+
+    dev = device_for_test()
+    launches = []
+    real_launch = small_m_linear.small_m_linear_triton
+
+    def launch(x2d, weight, bias, tile, static_weight=False, prologue=None):
+        launches.append(prologue)
+        return real_launch(x2d, weight, bias, tile, static_weight, prologue)
+
+    monkeypatch.setattr(small_m_linear, "small_m_linear_triton", launch)
+    monkeypatch.setattr(small_m_linear, "fused_tile", lambda *a: (8, 512, 4) if fused else None)
+    monkeypatch.setattr(small_m_linear.SHAPE_CHOICES, "choose", lambda *a: "cuBLAS")  # the unfused linear's pick
+    dtype = torch.bfloat16
+    x, residual = torch.randn(2, 1, 96, dtype=dtype, device=dev), torch.randn(2, 1, 96, dtype=dtype, device=dev)
+    norm_w = torch.randn(96, dtype=dtype, device=dev)
+    weights = [torch.randn(n, 96, dtype=dtype, device=dev) / 10 for n in (24, 8)]
+    cases = [(kernels._add_rms_norm_linear, ks.add_rms_norm_linear, (x, residual, norm_w, 1e-6, 0.0, dtype, dtype)),
+             (kernels._rms_norm_linear, ks.rms_norm_linear, (x, norm_w, 1e-6, 1.0, None, dtype)),
+             (kernels._act_and_mul_linear, ks.act_and_mul_linear, (x, residual, "silu"))]
+    for cuda_impl, op, args in cases:
+        launches.clear()
+        got, expected = cuda_impl(*args, weights, []), op(*args, weights, [])
+        for g, e in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, expected))):
+            torch.testing.assert_close(g, e, **TOL[dtype])
+        assert (launches != [] and launches[0] is not None) == fused, (op, launches)
+
+
 def test_gemm_choice_is_not_fooled_by_a_gpu_that_speeds_up_while_it_times(monkeypatch):
     """Clocks still rising after a compile: each timing is 3 us faster than the one before. Timed one candidate
     after the other, the last would win; in forward-and-backward rounds, the truly fastest (cuBLAS mv) does."""

@@ -18,7 +18,8 @@ LAYERS = 2
 def expected_counts(family):
     qk_norms = 2 * LAYERS if family == "qwen3" else 0
     return {"rope_cos_sin": 1, "rope": LAYERS, "attention": LAYERS, "rms_norm": 2 * LAYERS + 1 + qk_norms,
-            "act_and_mul": LAYERS, "projections": 4 * LAYERS + 1}  # q/k/v, gate/up, o, down; lm_head
+            "act_and_mul": LAYERS, "projections": 4 * LAYERS + 1,  # q/k/v, gate/up, o, down; lm_head
+            "linear_prologue": 3 * LAYERS}  # input norm, post-attention norm, SiLU*mul (lm_head reads a slice)
 
 
 def assert_counts(report, family, graphs=1):
@@ -133,7 +134,8 @@ def test_unfused_residual_option():
         ref = model(ids).logits
         out = compile_fx(model, fuse_residual_add=False)(ids).logits
     graph = ksbackend.explain().graphs[0]
-    assert "kernelstack::add_rms_norm" not in graph.ops and graph.ops["kernelstack::rms_norm"] == 2 * LAYERS + 1
+    assert not {"kernelstack::add_rms_norm", "kernelstack::add_rms_norm_linear"} & set(graph.ops)
+    assert graph.ops["kernelstack::rms_norm"] + graph.ops["kernelstack::rms_norm_linear"] == 2 * LAYERS + 1
     assert (out - ref).abs().max() <= 1e-4
 
 

@@ -48,14 +48,62 @@ def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
     return rope_paged_attention_triton(q, k, v, cos, sin, layer, scale, window_left)
 
 
-def _linear_cat(x, weights, biases):
+def _packed(weights, biases):
+    """The one weight and bias of a linear_cat, and whether no kernel of a step writes the weight."""
     from ..ops.linear import is_packed_parameter, packed_weight
-    from .small_m_linear import linear_cuda
 
     # only a packed parameter group is never written during a step; a concatenated copy (weights not back to back)
     # or any other tensor may be, and a GEMV under PDL must not read it before the wait
     weight = packed_weight(weights)
-    return linear_cuda(x, weight, packed_weight(biases) if biases else None, static_weight=is_packed_parameter(weight))
+    return weight, packed_weight(biases) if biases else None, is_packed_parameter(weight)
+
+
+def _linear_cat(x, weights, biases):
+    from .small_m_linear import linear_cuda
+
+    weight, bias, static = _packed(weights, biases)
+    return linear_cuda(x, weight, bias, static_weight=static)
+
+
+def _add_rms_norm_linear(x, residual, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases):
+    from .small_m_linear import RMS_NORM, Prologue, fused_tile, small_m_linear_triton
+
+    weight, bias, static = _packed(weights, biases)
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = None if residual is None else residual.reshape(-1, x.shape[-1])
+    fusable = (x.dtype == norm_dtype == weight.dtype and cast_to in (None, x.dtype) and norm_weight.dim() == 1
+               and (rows is None or (residual.dtype == x.dtype and rows.stride(-1) == 1)))
+    tile = fused_tile(x2d, weight, bias) if fusable else None
+    if tile is None:  # the norm's kernel, then the GEMM the shape measured fastest
+        if residual is None:
+            normed, summed = _rms_norm(x, norm_weight, eps, weight_offset, cast_to, norm_dtype), None
+        else:
+            normed, summed = _add_rms_norm(x, residual, norm_weight, eps, weight_offset, cast_to, norm_dtype)
+        return _linear_cat(normed, weights, biases), summed
+    summed = None if rows is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    prologue = Prologue(RMS_NORM, aux=rows, norm_weight=norm_weight.contiguous(), eps=eps, weight_offset=weight_offset,
+                        summed=None if summed is None else summed.view(-1, x.shape[-1]))
+    out = small_m_linear_triton(x2d, weight, bias, tile, static, prologue)
+    return out.view(*x.shape[:-1], weight.shape[0]), summed
+
+
+def _rms_norm_linear(x, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases):
+    return _add_rms_norm_linear(x, None, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases)[0]
+
+
+def _act_and_mul_linear(gate, up, activation, weights, biases):
+    from .act_and_mul import as_rows
+    from .small_m_linear import ACT_MUL, ACTIVATIONS, Prologue, fused_tile, small_m_linear_triton
+
+    weight, bias, static = _packed(weights, biases)
+    gate2d, up2d = as_rows(gate), as_rows(up)
+    same = gate.dtype == up.dtype == weight.dtype and gate.shape == up.shape
+    tile = fused_tile(gate2d, weight, bias) if same else None
+    if tile is None:
+        return _linear_cat(_act_and_mul(gate, up, activation), weights, biases)
+    prologue = Prologue(ACT_MUL, aux=up2d, activation=ACTIVATIONS[activation])
+    out = small_m_linear_triton(gate2d, weight, bias, tile, static, prologue)
+    return out.view(*gate.shape[:-1], weight.shape[0])
 
 
 def register_cuda_kernels():
@@ -70,6 +118,13 @@ def register_cuda_kernels():
          "Triton RoPE + K/V append (one launch), then the step's attention kernel (the runtime report names it)"),
         ("linear_cat", _linear_cat, "one GEMM over weights laid out back to back: cuBLAS, or for 1-8 rows a "
                                     "Triton GEMV where it measured faster at that shape (the runtime report names it)"),
+        ("rms_norm_linear", _rms_norm_linear, "the norm in the Triton GEMV's prologue where the GEMV won the shape "
+                                              "(one launch), else the norm's kernel and the measured GEMM"),
+        ("add_rms_norm_linear", _add_rms_norm_linear,
+         "residual add + norm in the Triton GEMV's prologue where the GEMV won the shape, else the norm's kernel and "
+         "the measured GEMM"),
+        ("act_and_mul_linear", _act_and_mul_linear, "the activation in the Triton GEMV's prologue where the GEMV won "
+                                                    "the shape, else the activation's kernel and the measured GEMM"),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)

@@ -15,7 +15,7 @@ def act_and_mul_chain(activation: str, dtype):
             ("f32", "uf", "u"), ("mul", "o", "ac", "uf"), ("store", "out", "o"))
 
 
-def _rows(t):
+def as_rows(t):
     """``t`` as [rows, last dim] with unit column stride, a view where it can be (the halves of a fused gate_up
     output are: a copy of each cost two launches per layer at batch 32)."""
     t = t if t.stride(-1) == 1 else t.contiguous()
@@ -27,5 +27,5 @@ def act_and_mul_triton(gate, up, activation):
     if out.numel() == 0:
         return out
     kernel = compile_chain(act_and_mul_chain(activation, gate.dtype))
-    kernel({"g": _rows(gate), "u": _rows(up), "out": out.view(-1, out.shape[-1])}, out.shape[-1])
+    kernel({"g": as_rows(gate), "u": as_rows(up), "out": out.view(-1, out.shape[-1])}, out.shape[-1])
     return out

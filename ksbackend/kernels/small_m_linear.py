@@ -12,6 +12,7 @@ memory and no second launch; a [BLOCK_M, BLOCK_N, BLOCK_K] product summed over K
 """
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -44,14 +45,56 @@ def _k_slice(ptr, rows, n_rows, stride, ks, K):
                    mask=(rows[:, None] < n_rows) & (ks[None, :] < K), other=0.0)
 
 
+# what the kernel computes its input from (``PROLOGUE``): the input itself, ``act(gate) * up``, or RMSNorm of the
+# input (plus a residual): the producer's launch folded into the GEMV, which reads its input from L2 anyway
+PLAIN, ACT_MUL, RMS_NORM = 0, 1, 2
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
 @triton.jit
-def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_om,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr, STATIC_WEIGHT: tl.constexpr):
+def _activate(g, ACTIVATION: tl.constexpr):
+    """The generated act_and_mul kernel's formulas (so a fused and an unfused step agree)."""
+    if ACTIVATION == 0:
+        return g / (1.0 + tl.exp(-g))
+    return 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * (0.7978845608028654 * (g + 0.044715 * g * g * g)))) - 1.0))
+
+
+@triton.jit
+def _input(x_ptr, aux_ptr, nw_ptr, sum_ptr, x_off, aux_off, sum_off, k_off, mask, K, write_sum,
+           PROLOGUE: tl.constexpr, HAS_AUX: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """One K slice of the GEMV's input in fp32, and the norm's row values there (for its sum of squares).
+    ACT_MUL keeps the unfused kernel's rounding points (act(gate) and the product rounded to the input dtype).
+    RMS_NORM returns the row times the norm weight, unscaled: the caller applies 1/rms to the dot product at the
+    end, so the row is read once, not once for its rms and again for the product (in fp32 throughout, where the
+    norm's kernel rounds the normalised row to bf16: the difference is within bf16's own rounding)."""
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    s = x.to(tl.float32)
+    if PROLOGUE == 1:
+        a = _activate(s, ACTIVATION).to(x.dtype).to(tl.float32)
+        out = (a * tl.load(aux_ptr + aux_off, mask=mask, other=0.0).to(tl.float32)).to(x.dtype).to(tl.float32)
+    elif PROLOGUE == 2:
+        if HAS_AUX:  # HF's residual stream: the sum rounded to the activation dtype; program 0 stores it
+            s = (s + tl.load(aux_ptr + aux_off, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+            if write_sum:
+                tl.store(sum_ptr + sum_off, s, mask=mask)
+            s = s.to(tl.float32)
+        out = s * (tl.load(nw_ptr + k_off, mask=k_off < K, other=0.0).to(tl.float32) + WEIGHT_OFFSET)
+    else:
+        out = s
+    return out, s
+
+
+@triton.jit
+def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, aux_ptr, nw_ptr, sum_ptr, M, N, K, s_xm, s_wn, s_om, s_am,
+                          eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr, STATIC_WEIGHT: tl.constexpr,
+                          PROLOGUE: tl.constexpr, HAS_AUX: tl.constexpr, ACTIVATION: tl.constexpr,
+                          WEIGHT_OFFSET: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         if not STATIC_WEIGHT:  # a weight made this step (a concatenation) is read after the wait like the rest
             tl.extra.cuda.gdc_wait()
+    write_sum = tl.program_id(0) == 0
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     # a parameter's first K slice is read before waiting for the previous kernel (no kernel of a step writes a
@@ -61,38 +104,80 @@ def small_m_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, s_xm, s_wn, s_o
     if PDL and STATIC_WEIGHT:
         tl.extra.cuda.gdc_wait()
     if BLOCK_M == 1:  # one row: multiply-add elementwise, reduce across threads once at the end, not every step
-        partial = w.to(tl.float32) * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        x, s = _input(x_ptr, aux_ptr, nw_ptr, sum_ptr, ks, ks, ks, ks, ks < K, K, write_sum, PROLOGUE, HAS_AUX,
+                      ACTIVATION, WEIGHT_OFFSET)
+        partial = w.to(tl.float32) * x[None, :]
+        if PROLOGUE == 2:
+            squares = s * s
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = _k_slice(w_ptr, cols.to(tl.int64), N, s_wn, ks, K)
-            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
-            partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x, s = _input(x_ptr, aux_ptr, nw_ptr, sum_ptr, ks, ks, ks, ks, ks < K, K, write_sum, PROLOGUE, HAS_AUX,
+                          ACTIVATION, WEIGHT_OFFSET)
+            partial += w.to(tl.float32) * x[None, :]
+            if PROLOGUE == 2:
+                squares += s * s
         acc = tl.sum(partial, axis=1)[None, :]
+        if PROLOGUE == 2:
+            acc = acc / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     else:  # [rows, cols, K] partial products would not fit in registers: reduce each step
-        x = _k_slice(x_ptr, rows, M, s_xm, ks, K)
-        acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        row_mask = rows[:, None] < M
+        x, s = _input(x_ptr, aux_ptr, nw_ptr, sum_ptr, rows[:, None] * s_xm + ks[None, :],
+                      rows[:, None] * s_am + ks[None, :], rows[:, None] * K + ks[None, :], ks[None, :],
+                      row_mask & (ks[None, :] < K), K, write_sum, PROLOGUE, HAS_AUX, ACTIVATION, WEIGHT_OFFSET)
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if PROLOGUE == 2:
+            squares = tl.sum(s * s, axis=1)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = _k_slice(w_ptr, cols.to(tl.int64), N, s_wn, ks, K)
-            x = _k_slice(x_ptr, rows, M, s_xm, ks, K)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            x, s = _input(x_ptr, aux_ptr, nw_ptr, sum_ptr, rows[:, None] * s_xm + ks[None, :],
+                          rows[:, None] * s_am + ks[None, :], rows[:, None] * K + ks[None, :], ks[None, :],
+                          row_mask & (ks[None, :] < K), K, write_sum, PROLOGUE, HAS_AUX, ACTIVATION, WEIGHT_OFFSET)
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if PROLOGUE == 2:
+                squares += tl.sum(s * s, axis=1)
+        if PROLOGUE == 2:
+            acc = acc / tl.sqrt(squares / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def small_m_linear_triton(x2d, weight, bias, tile, static_weight=False):
+@dataclasses.dataclass(frozen=True)
+class Prologue:
+    """What the GEMV computes its input from. ``kind`` PLAIN: x2d itself. ACT_MUL: ``act(x2d) * aux`` (the gate and up
+    halves of one gate_up output, any row stride). RMS_NORM: RMSNorm of x2d (of ``x2d + aux``, stored into
+    ``summed``, a contiguous [M, K], when ``aux`` is given) for a norm whose output is x2d's dtype: see ``_input``
+    for its one difference from the norm's kernel."""
+
+    kind: int = PLAIN
+    aux: torch.Tensor | None = None
+    activation: int = 0
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    weight_offset: float = 0.0
+    summed: torch.Tensor | None = None
+
+
+def small_m_linear_triton(x2d, weight, bias, tile, static_weight=False, prologue=None):
     """x2d [M <= MAX_ROWS, K] with unit column stride; weight [N, K] contiguous; bias [N] or None.
-    ``static_weight``: no kernel of this step writes the weight (a parameter), so PDL may read it early."""
+    ``static_weight``: no kernel of this step writes the weight (a parameter), so PDL may read it early.
+    ``prologue``: a ``Prologue`` the kernel computes its input with (x2d is then the gate, or the norm's input)."""
     m, k = x2d.shape
     n = weight.shape[0]
     block_n, block_k, warps = tile
+    p = prologue or Prologue()
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    aux = p.aux if p.aux is not None else x2d
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
-        x2d, weight, bias if bias is not None else weight, out, m, n, k, x2d.stride(0), weight.stride(0),
-        out.stride(0), BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, STATIC_WEIGHT=static_weight, num_warps=warps, **pdl.launch_options(x2d.device))
+        x2d, weight, bias if bias is not None else weight, out, aux,
+        p.norm_weight if p.norm_weight is not None else x2d, p.summed if p.summed is not None else x2d,
+        m, n, k, x2d.stride(0), weight.stride(0), out.stride(0), aux.stride(0), p.eps,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        STATIC_WEIGHT=static_weight, PROLOGUE=p.kind, HAS_AUX=p.aux is not None, ACTIVATION=p.activation,
+        WEIGHT_OFFSET=p.weight_offset, num_warps=warps, **pdl.launch_options(x2d.device))
     return out
 
 
@@ -276,6 +361,12 @@ def time_candidates(names, x2d, weight, bias):
 
 
 SHAPE_CHOICES = ShapeChoices()
+
+
+def fused_tile(x2d, weight, bias):
+    """The Triton tile that won this GEMV shape, for a kernel that computes x2d in its prologue; None where cuBLAS
+    won (or the shape is not a GEMV's), and the producer runs as its own kernel."""
+    return TILE_BY_NAME.get(SHAPE_CHOICES.choose(x2d, weight, bias))
 
 
 def linear_cuda(x, weight, bias, static_weight=False):

@@ -7,7 +7,7 @@ replaced chain computed. CUDA implementations (Triton kernels, FlashInfer) are r
 the same contracts, so a rewrite that is right on CPU is checked against the same reference on GPU.
 """
 
-from . import activation, attention, linear, norm, paged_attention, rope, sampling  # noqa: F401  (registers the ops)
+from . import activation, attention, fused_linear, linear, norm, paged_attention, rope, sampling  # noqa: F401
 
 # What runs each op on a device other than the CPU reference; kernels add themselves here when they
 # register a CUDA implementation, so the explain report tells the truth about what ran where.

@@ -37,18 +37,23 @@ def _act_and_mul_setup_context(ctx, inputs, output):
     ctx.save_for_backward(gate, up)
 
 
-def _act_and_mul_backward(ctx, grad):
-    gate, up = ctx.saved_tensors
+def act_and_mul_grads(gate, up, activation, grad, needs_gate=True, needs_up=True):
+    """(d gate, d up), each None where not needed."""
     grad_gate = grad_up = None
-    if ctx.needs_input_grad[0]:
+    if needs_gate:
         grad_act = (grad * up).to(gate.dtype)
-        if ctx.activation == "silu":
+        if activation == "silu":
             grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
         else:
             grad_gate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh")
-    if ctx.needs_input_grad[1]:
-        grad_up = (grad * _activate(gate, ctx.activation)).to(up.dtype)
-    return grad_gate, grad_up, None
+    if needs_up:
+        grad_up = (grad * _activate(gate, activation)).to(up.dtype)
+    return grad_gate, grad_up
+
+
+def _act_and_mul_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    return *act_and_mul_grads(gate, up, ctx.activation, grad, *ctx.needs_input_grad[:2]), None
 
 
 act_and_mul.register_autograd(_act_and_mul_backward, setup_context=_act_and_mul_setup_context)

@@ -77,10 +77,14 @@ def packed_weight(tensors):
     return base if base is not None else torch.cat(tensors)
 
 
+def linear_cat_reference(x, weights, biases):
+    return F.linear(x, packed_weight(weights), packed_weight(biases) if biases else None)
+
+
 @torch.library.custom_op("kernelstack::linear_cat", mutates_args=())
 def linear_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """x [..., K]; weights [N_i, K]; biases: empty, or one [N_i] per weight. Returns [..., sum N_i]."""
-    return F.linear(x, packed_weight(weights), packed_weight(biases) if biases else None)
+    return linear_cat_reference(x, weights, biases)
 
 
 @linear_cat.register_fake
@@ -88,20 +92,25 @@ def _(x, weights, biases):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
+def linear_cat_grads(x, weights, grad, has_bias):
+    """Per part (traced by AOTAutograd, where a storage check has no meaning): dx = sum_i g_i @ W_i; returns
+    (dx, [dW_i], [db_i] or [])."""
+    parts = grad.split([w.shape[0] for w in weights], dim=-1)
+    grad_x = sum(p @ w for p, w in zip(parts, weights))
+    grad_weights = [p.flatten(0, -2).T @ x.flatten(0, -2) for p in parts]
+    grad_biases = [p.flatten(0, -2).sum(0) for p in parts] if has_bias else []
+    return grad_x, grad_weights, grad_biases
+
+
 def _setup_context(ctx, inputs, output):
     x, weights, biases = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.sizes, ctx.has_bias = [w.shape[0] for w in weights], bool(biases)
+    ctx.has_bias = bool(biases)
 
 
 def _backward(ctx, grad):
-    """Per part (traced by AOTAutograd, where a storage check has no meaning): dx = sum_i g_i @ W_i."""
     x, *weights = ctx.saved_tensors
-    parts = grad.split(ctx.sizes, dim=-1)
-    grad_x = sum(p @ w for p, w in zip(parts, weights))
-    grad_weights = [p.flatten(0, -2).T @ x.flatten(0, -2) for p in parts]
-    grad_biases = [p.flatten(0, -2).sum(0) for p in parts] if ctx.has_bias else []
-    return grad_x, grad_weights, grad_biases
+    return linear_cat_grads(x, weights, grad, ctx.has_bias)
 
 
 linear_cat.register_autograd(_backward, setup_context=_setup_context)
