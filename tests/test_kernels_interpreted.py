@@ -55,7 +55,7 @@ def test_generated_rms_norm(rows, hidden, dtype, gemma):
 @pytest.mark.parametrize("fused", [False, True])
 def test_generated_act_and_mul(activation, dtype, shape, fused):
     """Separate tensors, and (fused) the two halves of one gate_up output: strided rows, read in place."""
-    from ksbackend.kernels.act_and_mul import _rows, act_and_mul_triton
+    from ksbackend.kernels.act_and_mul import act_and_mul_triton, as_rows
 
     dev = device_for_test()
     if fused:
@@ -63,7 +63,7 @@ def test_generated_act_and_mul(activation, dtype, shape, fused):
     else:
         gate, up = torch.randn(shape, dtype=dtype, device=dev) * 3, torch.randn(shape, dtype=dtype, device=dev)
     if fused:  # read in place: the views handed to the kernel are the halves themselves
-        assert _rows(gate).data_ptr() == gate.data_ptr() and _rows(up).data_ptr() == up.data_ptr()
+        assert as_rows(gate).data_ptr() == gate.data_ptr() and as_rows(up).data_ptr() == up.data_ptr()
     out = act_and_mul_triton(gate, up, activation)
     assert out.shape == gate.shape and out.is_contiguous()
     torch.testing.assert_close(out, act_and_mul_reference(gate, up, activation), **TOL[dtype])
