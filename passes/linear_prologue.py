@@ -15,6 +15,7 @@ import torch
 from ksbackend.ops import fused_linear as _fused_linear_ops  # noqa: F401  (registers the ops)
 
 from .base import GraphPass, describe, kernelstack_op
+from .projections import PACK_META
 
 ks = torch.ops.kernelstack
 FUSED = {"kernelstack::rms_norm": ks.rms_norm_linear.default,
@@ -71,7 +72,7 @@ class LinearProloguePass(GraphPass):
         fused.meta.pop("val", None)
         with graph.inserting_after(fused):
             out = graph.call_function(operator.getitem, (fused, 0))
-        out.meta = dict(linear.meta)
+        out.meta = {key: value for key, value in linear.meta.items() if key != PACK_META}  # the op packs, once
         linear.replace_all_uses_with(out)
         graph.erase_node(linear)
         graph.erase_node(part)

@@ -319,5 +319,6 @@ def test_teacher_forced_accuracy_is_within_hf_bf16s_own(weights):
     print(f"teacher-forced vs fp32 ({weights}): {results}")
     hf, ks = results["HF"], results["kernelstack"]
     assert ks.mean_kl <= 1.2 * hf.mean_kl + 1e-7
-    assert ks.decisive_positions == hf.decisive_positions >= ks.positions // 4
+    assert hf.decisive_positions >= hf.positions // 4
     assert ks.decisive_top1 >= hf.decisive_top1 - 0.02
+    assert ks.top1 >= hf.top1 - 0.04  # near-ties too, with room for their coin flips

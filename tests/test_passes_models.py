@@ -46,6 +46,8 @@ def test_prefill_rewrites_every_site_and_matches(family):
         out = compile_fx(model)(ids, attention_mask=mask).logits
     report = ksbackend.explain()
     assert_counts(report, family)
+    # q/k/v and gate/up, each group laid out once (and Qwen2's q/k/v biases)
+    assert report.graphs[0].packed == (3 if family == "qwen2" else 2) * LAYERS
     keep = mask.bool()  # padded positions are garbage in both; compare the real ones
     assert (out - ref)[keep].abs().max() <= 1e-4
 

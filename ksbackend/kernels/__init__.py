@@ -72,7 +72,7 @@ def _add_rms_norm_linear(x, residual, norm_weight, eps, weight_offset, cast_to, 
     x2d = x.reshape(-1, x.shape[-1])
     rows = None if residual is None else residual.reshape(-1, x.shape[-1])
     fusable = (x.dtype == norm_dtype == weight.dtype and cast_to in (None, x.dtype) and norm_weight.dim() == 1
-               and (rows is None or (residual.dtype == x.dtype and rows.stride(-1) == 1)))
+               and (rows is None or (residual.shape == x.shape and residual.dtype == x.dtype and rows.stride(-1) == 1)))
     tile = fused_tile(x2d, weight, bias) if fusable else None
     if tile is None:  # the norm's kernel, then the GEMM the shape measured fastest
         if residual is None:

@@ -169,6 +169,9 @@ def small_m_linear_triton(x2d, weight, bias, tile, static_weight=False, prologue
     n = weight.shape[0]
     block_n, block_k, warps = tile
     p = prologue or Prologue()
+    if p.kind == RMS_NORM and p.aux is not None and not (p.summed is not None and p.summed.shape == (m, k)
+                                                         and p.summed.is_contiguous()):
+        raise ValueError("a norm prologue with a residual needs `summed`, a contiguous [M, K] for the sum")
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     aux = p.aux if p.aux is not None else x2d
     small_m_linear_kernel[(triton.cdiv(n, block_n),)](
