@@ -459,10 +459,15 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
     attention = _device_attention(model, pool, opts, recorder)
     if device.type == "cuda":
         from .kernels import pdl
+        from .kernels.small_m_linear import prologue_enabled
 
         off = pdl.off_reason(device)
         recorder.event("Triton kernels: programmatic dependent launch " + (f"off: {off}" if off else
                                                                           "on (KERNELSTACK_PDL=0 turns it off)"))
+        recorder.event("norms and SiLU*mul feeding a GEMV: " + (
+            "in the GEMV's prologue where the Triton GEMV won the shape (KERNELSTACK_GEMV_PROLOGUE=1)"
+            if prologue_enabled() else "their own kernels (KERNELSTACK_GEMV_PROLOGUE=1 folds them into the GEMV, "
+                                       "not yet measured on a GPU)"))
 
     def forward_prefill(ids, positions, keep):
         return model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits

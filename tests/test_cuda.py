@@ -231,13 +231,14 @@ def test_small_m_linear_under_pdl_is_bitwise_the_plain_launch(monkeypatch, k):
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_fused_linear_ops_at_llama_1b_shapes_match_the_two_ops(rows):
+def test_fused_linear_ops_at_llama_1b_shapes_match_the_two_ops(rows, monkeypatch):
     """The norm and SiLU*mul folded into the GEMV's prologue, at Llama-3.2-1B's decode shapes (q/k/v, gate/up after
     the norms; down after SiLU*mul), against the two ops' references in fp32 (bf16 tolerance); the residual sum
     exactly. Whichever kernel the shape measured fastest runs, so the unfused fallback is covered where cuBLAS won."""
     from ksbackend.ops.activation import act_and_mul_reference
     from ksbackend.ops.norm import rms_norm_reference
 
+    monkeypatch.setenv("KERNELSTACK_GEMV_PROLOGUE", "1")
     ks = torch.ops.kernelstack
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, residual = torch.randn(rows, 1, 2048, **bf16), torch.randn(rows, 1, 2048, **bf16)

@@ -106,6 +106,9 @@ def _act_and_mul_linear(gate, up, activation, weights, biases):
     return out.view(*gate.shape[:-1], weight.shape[0])
 
 
+PROLOGUE_NOTE = " (with KERNELSTACK_GEMV_PROLOGUE=1, one launch where the Triton GEMV won the shape)"
+
+
 def register_cuda_kernels():
     for name, fn, what in [
         ("rms_norm", _rms_norm, "generated Triton row kernel"),
@@ -118,13 +121,9 @@ def register_cuda_kernels():
          "Triton RoPE + K/V append (one launch), then the step's attention kernel (the runtime report names it)"),
         ("linear_cat", _linear_cat, "one GEMM over weights laid out back to back: cuBLAS, or for 1-8 rows a "
                                     "Triton GEMV where it measured faster at that shape (the runtime report names it)"),
-        ("rms_norm_linear", _rms_norm_linear, "the norm in the Triton GEMV's prologue where the GEMV won the shape "
-                                              "(one launch), else the norm's kernel and the measured GEMM"),
-        ("add_rms_norm_linear", _add_rms_norm_linear,
-         "residual add + norm in the Triton GEMV's prologue where the GEMV won the shape, else the norm's kernel and "
-         "the measured GEMM"),
-        ("act_and_mul_linear", _act_and_mul_linear, "the activation in the Triton GEMV's prologue where the GEMV won "
-                                                    "the shape, else the activation's kernel and the measured GEMM"),
+        ("rms_norm_linear", _rms_norm_linear, "the norm's kernel, then the measured GEMM" + PROLOGUE_NOTE),
+        ("add_rms_norm_linear", _add_rms_norm_linear, "the norm's kernel, then the measured GEMM" + PROLOGUE_NOTE),
+        ("act_and_mul_linear", _act_and_mul_linear, "the activation's kernel, then the measured GEMM" + PROLOGUE_NOTE),
     ]:
         torch.library.register_kernel(f"kernelstack::{name}", "cuda", fn)
         ops.register_implementation(name, "cuda", what)
