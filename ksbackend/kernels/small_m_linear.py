@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import activation as activation_ops
 from . import pdl
 
 log = logging.getLogger("ksbackend")
@@ -46,9 +47,9 @@ def _k_slice(ptr, rows, n_rows, stride, ks, K):
 
 
 # what the kernel computes its input from (``PROLOGUE``): the input itself, ``act(gate) * up``, or RMSNorm of the
-# input (plus a residual): the producer's launch folded into the GEMV, which reads its input from L2 anyway
+# input (plus a residual): the producer's launch folded into the GEMV, which reads its input anyway
 PLAIN, ACT_MUL, RMS_NORM = 0, 1, 2
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+ACTIVATIONS = {name: index for index, name in enumerate(activation_ops.ACTIVATIONS)}  # silu 0, gelu_tanh 1
 
 
 @triton.jit
