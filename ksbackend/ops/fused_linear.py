@@ -13,12 +13,8 @@ from typing import Optional
 import torch
 
 from .activation import act_and_mul_grads, act_and_mul_reference
-from .linear import linear_cat_grads, linear_cat_reference
+from .linear import linear_cat_grads, linear_cat_reference, linear_cat_shape
 from .norm import rms_norm_grads, rms_norm_reference
-
-
-def _out_shape(x, weights):
-    return (*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
 @torch.library.custom_op("kernelstack::rms_norm_linear", mutates_args=())
@@ -32,7 +28,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
 
 @rms_norm_linear.register_fake
 def _(x, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases):
-    return x.new_empty(_out_shape(x, weights), dtype=norm_dtype)
+    return x.new_empty(linear_cat_shape(x, weights), dtype=norm_dtype)
 
 
 @torch.library.custom_op("kernelstack::add_rms_norm_linear", mutates_args=())
@@ -48,7 +44,7 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
 @add_rms_norm_linear.register_fake
 def _(x, residual, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases):
     summed_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return x.new_empty(_out_shape(x, weights), dtype=norm_dtype), x.new_empty(x.shape, dtype=summed_dtype)
+    return x.new_empty(linear_cat_shape(x, weights), dtype=norm_dtype), x.new_empty(x.shape, dtype=summed_dtype)
 
 
 @torch.library.custom_op("kernelstack::act_and_mul_linear", mutates_args=())
@@ -60,7 +56,7 @@ def act_and_mul_linear(gate: torch.Tensor, up: torch.Tensor, activation: str, we
 
 @act_and_mul_linear.register_fake
 def _(gate, up, activation, weights, biases):
-    return gate.new_empty(_out_shape(gate, weights), dtype=torch.promote_types(gate.dtype, up.dtype))
+    return gate.new_empty(linear_cat_shape(gate, weights), dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
 # Backward: the two ops' own gradients, chained (the intermediate is recomputed, not saved: these ops exist for

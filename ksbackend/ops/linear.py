@@ -77,6 +77,11 @@ def packed_weight(tensors):
     return base if base is not None else torch.cat(tensors)
 
 
+def linear_cat_shape(x, weights) -> tuple:
+    """[..., sum N_i]: the output shape of ``linear_cat`` (and of the ops that end in one)."""
+    return (*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
 def linear_cat_reference(x, weights, biases):
     return F.linear(x, packed_weight(weights), packed_weight(biases) if biases else None)
 
@@ -89,7 +94,7 @@ def linear_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.
 
 @linear_cat.register_fake
 def _(x, weights, biases):
-    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+    return x.new_empty(linear_cat_shape(x, weights))
 
 
 def linear_cat_grads(x, weights, grad, has_bias):
