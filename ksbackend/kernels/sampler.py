@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 _NONE: tl.constexpr = tl.constexpr(-(2**63))  # a packed (score, index) key below every real one: "no token"
 _PIVOTS: tl.constexpr = tl.constexpr(16)  # thresholds a radix search tests per step: 4 bits of the 32
 
@@ -166,7 +168,11 @@ def _chunk_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m
                   temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, rep_ptr, freq_ptr, pres_ptr, greedy_ptr,
                   seed_ptr, offset_ptr, best_ptr, best_idx_ptr, sum_ptr, floor_ptr, list_ptr, n_chunks,
                   vocab: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
-                  KMAX: tl.constexpr, SLOTS: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr):
+                  KMAX: tl.constexpr, SLOTS: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr,
+                  PDL: tl.constexpr):
+    if PDL:  # launched while the logits' kernel finishes; everything is read after the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     temperature, greedy, truncated = _row_mode(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr, row, vocab)
@@ -193,7 +199,10 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
                 seed_ptr, offset_ptr, best_ptr, best_idx_ptr, sum_ptr, floor_ptr, list_ptr, top_ptr, out_ptr,
                 n_chunks, vocab: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr, CHUNKS: tl.constexpr,
                 KMAX: tl.constexpr, SLOTS: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while launch 1 finishes: its lists are read after the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     temperature, _greedy, truncated = _row_mode(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, greedy_ptr, row, vocab)
     seed = tl.load(seed_ptr)
@@ -388,7 +397,7 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
     top = torch.empty(batch, slots, device=dev, dtype=torch.int64)
     out = torch.empty(batch, device=dev, dtype=torch.int64)
     common = {"HAS_COUNTS": token_counts is not None, "HAS_MASK": allowed_bitmask is not None, "KMAX": kmax,
-              "SLOTS": slots, "BINS": 128}
+              "SLOTS": slots, "BINS": 128, **pdl.launch_options(dev)}
     strides = (logits.stride(0), counts.stride(0), mask.stride(0))
     # vocab is a constexpr (one compile per model vocabulary): loop bounds and masks fold into constants
     # groups of at most 8 tokens (256 at least): about 75 tokens of a chunk pass its filter with KMAX 64, whatever the
