@@ -155,6 +155,7 @@ def run_model(bw, out, results, name, batches, systems):
             extra = dict(cache_implementation="static") if system == "hf-static" else {}
             if system == "kernelstack-sampling":
                 extra = SAMPLING
+            print(f"{name} {label} {system}: measuring (the first call compiles and captures)", flush=True)
             with _configured(model, system):
                 try:
                     m, output = measure(model, ids, mask, **extra)
