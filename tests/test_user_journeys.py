@@ -219,6 +219,33 @@ def test_bench_help_names_only_files_in_the_repo():
     assert named and all((root / name).exists() for name in named), named
 
 
+def test_bench_compiles_each_system_once_for_all_batch_sizes(monkeypatch):
+    """The benchmark's cold time is mostly compiles: each system is optimized once and measures every batch size
+    (twice as many compiles were half of the 10 minutes the whole benchmark may take). Tokens still match HF's."""
+    from ksbackend.bench import generate
+    from ksbackend.models import left_pad
+
+    def prompts(model, batch, ragged):
+        rows = [torch.randint(3, 256, (4 + i,)) for i in range(batch)]
+        return (*left_pad(rows), [len(r) for r in rows])
+
+    optimized = []
+    real_optimize = ksbackend.optimize
+    monkeypatch.setattr(ksbackend, "optimize", lambda model, **kw: optimized.append(kw) or real_optimize(model, **kw))
+    monkeypatch.setattr(generate, "load", lambda name: build_model(tiny_config("llama")))
+    monkeypatch.setattr(generate, "scenario_prompts", prompts)
+    monkeypatch.setattr(generate, "SHORT", 2)
+    monkeypatch.setattr(generate, "LONG", 6)
+    for name in ("reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    results = []
+    generate.run_model(1e12, [], results, "tiny", [1, 3], ["hf-eager", "kernelstack"])
+    assert len(optimized) == 1
+    assert [r["batch"] for r in results] == [1, 3]
+    assert [r["systems"]["kernelstack"]["same_tokens"] for r in results] == [1.0, 1.0]
+
+
 def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeypatch, caplog):
     """An Inductor error on a rewritten graph (seen on the H100: CantSplit with the fused-kernel passes off) must not
     reach the user: the graph runs as FX, tokens equal HF's, and the report and the log say why."""

@@ -139,47 +139,52 @@ def _by_name(kernels, replays):
 
 
 def run_model(bw, out, results, name, batches, systems):
+    """Every system over every batch. Systems are the outer loop: each compiles (and captures) once for all the
+    batches instead of once per batch, which is most of a cold run's time."""
     import ksbackend
 
     model = load(name)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    scenarios = []
     for batch in batches:
         ragged = batch > 1 and batch == 32
         ids, mask, lengths = scenario_prompts(model, batch, ragged)
         label = f"{batch} / {'ragged 64..1024' if ragged else '128'}"
-        step_bytes = decode_bytes(model, lengths, LONG // 2)
-        measured, reference = {}, None
-        for system in systems:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            extra = dict(cache_implementation="static") if system == "hf-static" else {}
-            if system == "kernelstack-sampling":
-                extra = SAMPLING
-            print(f"{name} {label} {system}: measuring (the first call compiles and captures)", flush=True)
-            with _configured(model, system):
+        scenarios.append(dict(ids=ids, mask=mask, lengths=lengths, label=label, reference=None,
+                              row=dict(model=name, batch=batch, scenario=label, weights_bytes=weights,
+                                       step_bytes=decode_bytes(model, lengths, LONG // 2), systems={})))
+    for system in systems:
+        extra = dict(cache_implementation="static") if system == "hf-static" else {}
+        if system == "kernelstack-sampling":
+            extra = SAMPLING
+        with _configured(model, system):
+            for sc in scenarios:
+                label, measured = sc["label"], sc["row"]["systems"]
+                print(f"{name} {label} {system}: measuring (a first call compiles and captures)", flush=True)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
                 try:
-                    m, output = measure(model, ids, mask, **extra)
+                    m, output = measure(model, sc["ids"], sc["mask"], **extra)
                 except Exception as exc:  # one system failing must not hide the others
                     print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
                     measured[system] = None
                     continue
                 m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                m["bw_util"] = step_bytes / (m["decode_ms"] * 1e-3) / bw
+                m["bw_util"] = sc["row"]["step_bytes"] / (m["decode_ms"] * 1e-3) / bw
                 if system == "hf-eager":
-                    reference = output
-                elif reference is not None and system != "kernelstack-sampling":
-                    m["same_tokens"] = float((output == reference).all(dim=1).float().mean())
+                    sc["reference"] = output
+                elif sc["reference"] is not None and system != "kernelstack-sampling":
+                    m["same_tokens"] = float((output == sc["reference"]).all(dim=1).float().mean())
                 if system in REPLAYED:
-                    m["replay"] = replay_alone(model, lengths)
+                    m["replay"] = replay_alone(model, sc["lengths"])
                     if m["replay"]:
                         print(f"{system} kernels per replay:", m["replay"]["names"], flush=True)
                 if system == "kernelstack":
                     m["report"] = str(ksbackend.explain(model))
                     print(m["report"], flush=True)
-            measured[system] = m
-            print(f"{name} {label} {system}: {_summary(m)}", flush=True)
-        results.append(dict(model=name, batch=batch, scenario=label, weights_bytes=weights, step_bytes=step_bytes,
-                            systems=measured))
+                measured[system] = m
+                print(f"{name} {label} {system}: {_summary(m)}", flush=True)
+    results.extend(sc["row"] for sc in scenarios)
     del model
     gc.collect()
     torch.cuda.empty_cache()
