@@ -88,6 +88,46 @@ def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
     assert q_out.transpose(1, 2).is_contiguous()  # token-major, as the op contract fixes
 
 
+@pytest.mark.parametrize("rows,page", [(1, 16), (5, 1), (130, 16), (7, 64)])
+def test_decode_metadata_kernel_equals_the_torch_steps(rows, page):
+    """Positions, slots and KV lengths of a decode step from random lengths and a random page table (a row stride
+    wider than the rows use), against the runtime's torch form."""
+    from ksbackend.kernels.decode_metadata import decode_metadata_triton
+    from ksbackend.runtime.metadata import decode_step_metadata
+
+    dev = device_for_test()
+    width = 40
+    lens = torch.randint(0, width * page, (rows,), dtype=torch.int32)
+    table = torch.randint(0, 50000, (rows, width + 3), dtype=torch.int32)[:, :width]
+    expected = [torch.full((rows,), -7, dtype=dt) for dt in (torch.int64, torch.int64, torch.int32)]
+    decode_step_metadata(lens, table, page, *expected)
+    got = [t.to(dev) for t in expected]
+    for t in got:
+        t.fill_(-7)
+    decode_metadata_triton(lens.to(dev), table.to(dev), page, *got)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.cpu(), e)
+    assert torch.equal(expected[0], lens.long()) and torch.equal(expected[2], lens + 1)
+
+
+@pytest.mark.parametrize("shape,half", [((1, 1), 32), ((3, 7), 20), ((2, 300), 64), ((5,), 8)])
+@pytest.mark.parametrize("scaling", [1.0, 0.7])
+def test_rope_table_kernel_equals_the_ops_reference(shape, half, scaling):
+    """One launch for cos and sin against the torch chain it replaces: int64 positions out to a 128K context (the
+    angles need full range reduction), and float positions; odd head halves (head size 40)."""
+    from ksbackend.kernels.rope_table import rope_cos_sin_triton
+    from ksbackend.ops.rope import rope_cos_sin
+
+    dev = device_for_test()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(half, device=dev, dtype=torch.float32) / half))
+    for pos in (torch.randint(0, 131072, shape, device=dev), torch.rand(shape, device=dev) * 4096):
+        cos, sin = rope_cos_sin_triton(pos, inv_freq, scaling)
+        ref_cos, ref_sin = rope_cos_sin(pos.cpu(), inv_freq.cpu(), scaling)  # the op's reference, on the CPU
+        assert cos.shape == (*shape, 2 * half) and cos.dtype == torch.float32 and cos.is_contiguous()
+        torch.testing.assert_close(cos.cpu(), ref_cos, **TOL[torch.float32])
+        torch.testing.assert_close(sin.cpu(), ref_sin, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("hq,hk,d,page", [(4, 2, 16, 4), (3, 1, 24, 8), (8, 8, 64, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp32_table", [False, True])

@@ -42,6 +42,12 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition_penalty, freque
                          presence_penalty, token_counts, allowed_bitmask, greedy, seed, offset)
 
 
+def _rope_cos_sin(position_ids, inv_freq, scaling):
+    from .rope_table import rope_cos_sin_triton
+
+    return rope_cos_sin_triton(position_ids, inv_freq, scaling)
+
+
 def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
     from .rope_append import rope_paged_attention_triton
 
@@ -115,6 +121,8 @@ def register_cuda_kernels():
         ("add_rms_norm", _add_rms_norm, "generated Triton row kernel (residual add fused)"),
         ("act_and_mul", _act_and_mul, "generated Triton pointwise kernel"),
         ("rope", _rope, "Triton kernel (q and k in one launch)"),
+        ("rope_cos_sin", _rope_cos_sin, "Triton kernel, once per step (cos and sin in one launch; opaque to "
+                                        "Inductor, which would otherwise recompute the table per layer)"),
         ("sample", _sample,
          "Triton sampler (2 launches, no vocabulary sort: per-chunk shortlists, per-row warpers and draw)"),
         ("rope_paged_attention", _rope_paged_attention,
@@ -130,5 +138,3 @@ def register_cuda_kernels():
     ops.register_implementation("paged_attention", "cuda", "FlashInfer prefill (ragged/paged); paged decode by the "
                                                            "kernel the runtime report names")
     ops.register_implementation("attention", "cuda", "torch SDPA with native GQA (flash/efficient kernels)")
-    ops.register_implementation("rope_cos_sin", "cuda", "torch ops, once per step (opaque to Inductor, "
-                                                         "which would otherwise recompute the table per layer)")

@@ -100,3 +100,19 @@ def csr_from_table(page_table: torch.Tensor, kv_lens: torch.Tensor, page_size: i
     used = torch.arange(page_table.shape[1])[None, :] < counts[:, None]
     last = kv_lens - (counts.to(torch.int32) - 1) * page_size
     return indptr, page_table[used].to(torch.int32), last.to(torch.int32)
+
+
+def decode_step_metadata(lens, table, page_size, positions, slots, kv_lens) -> None:
+    """A decode step's token positions, KV slots and KV lengths, written in place from the lengths so far and the
+    page table: the step's one token goes at position ``lens``, in slot ``table[row, lens // page] * page +
+    lens % page``, and the cache then holds ``lens + 1`` tokens. On CUDA one Triton launch instead of eight torch
+    kernels at the head of every captured step (kernels/decode_metadata.py); this torch form is its reference."""
+    if lens.is_cuda:
+        from ..kernels.decode_metadata import decode_metadata_triton
+
+        return decode_metadata_triton(lens, table, page_size, positions, slots, kv_lens)
+    positions.copy_(lens)
+    pages = table.gather(1, (positions // page_size)[:, None])[:, 0]
+    slots.copy_(pages * page_size + positions % page_size)
+    kv_lens.copy_(lens + 1)
+

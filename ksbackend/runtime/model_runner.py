@@ -27,7 +27,7 @@ import torch
 
 from .context import ForwardContext, forward_context
 from .cuda_graphs import CudaGraphRunner
-from .metadata import DecodeMetadata
+from .metadata import DecodeMetadata, decode_step_metadata
 
 log = logging.getLogger("ksbackend")
 
@@ -425,10 +425,7 @@ class ModelRunner:
         """Derive this step's positions, slots and lengths from the buffers, then run the model: logits [n, V]."""
         buf, page = self.buffers, self.pool.page_size
         positions, slots, kv_lens = buf.positions[:n], buf.slots[:n], buf.kv_lens[:n]
-        positions.copy_(buf.lens[:n])
-        pages = buf.table[:n].gather(1, (positions // page)[:, None])[:, 0]
-        slots.copy_(pages * page + positions % page)
-        kv_lens.copy_(buf.lens[:n] + 1)
+        decode_step_metadata(buf.lens[:n], buf.table[:n], page, positions, slots, kv_lens)
         max_pages = None if graphed else self.pool.pages_for(int(buf.lens_host[:n].max()) + 1)
         meta = DecodeMetadata(slots, kv_lens, buf.table[:n], page, max_pages)
         decode = self._decode_kernel(n if graphed else None)
