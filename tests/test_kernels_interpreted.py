@@ -88,6 +88,32 @@ def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
     assert q_out.transpose(1, 2).is_contiguous()  # token-major, as the op contract fixes
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 5000), (3, 2048), (4, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_step_kernels_equal_argmax_and_the_length_advance(rows, vocab, dtype):
+    """The token is the first maximum of its row, as argmax: ties planted inside a chunk and across chunks (bf16
+    logits tie often), and a row of -inf; the lengths advance only for live rows."""
+    from ksbackend.kernels.greedy_step import greedy_step_triton
+    from ksbackend.runtime.model_runner import greedy_step
+
+    dev = device_for_test()
+    logits = torch.randn(rows, vocab).to(dtype)
+    top = logits.float().max() + 1
+    logits[0, [7, vocab - 3]] = top.to(dtype)  # a tie across chunks: the first index wins
+    if rows > 2:
+        logits[2] = float("-inf")
+    kv_lens = torch.randint(1, 1000, (rows,), dtype=torch.int32)
+    active = torch.randint(0, 2, (rows,), dtype=torch.int32)
+    expected = [torch.full((rows,), -1, dtype=torch.int64), torch.full((rows,), -1, dtype=torch.int32)]
+    greedy_step(logits, *expected, kv_lens, active)
+    got = [t.to(dev) for t in expected]
+    for t in got:
+        t.fill_(-1)
+    greedy_step_triton(logits.to(dev), *got, kv_lens.to(dev), active.to(dev))
+    assert torch.equal(got[0].cpu(), logits.float().argmax(-1)) and got[0][0] == 7
+    assert torch.equal(got[1].cpu(), kv_lens * active)
+
+
 @pytest.mark.parametrize("rows,page", [(1, 16), (5, 1), (130, 16), (7, 64)])
 def test_decode_metadata_kernel_equals_the_torch_steps(rows, page):
     """Positions, slots and KV lengths of a decode step from random lengths and a random page table (a row stride

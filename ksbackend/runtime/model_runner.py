@@ -71,6 +71,19 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     return (which * chunk + within.gather(-1, which)).squeeze(-1)
 
 
+def greedy_step(logits, ids, lens, kv_lens, active) -> None:
+    """The end of a plain greedy step: ``ids = argmax(logits)`` (the first maximum) as the next inputs, and the
+    lengths advanced to ``kv_lens * active`` (padding rows stay at 0). On CUDA two Triton launches instead of eight
+    torch kernels (kernels/greedy_step.py); this torch form is their reference."""
+    if logits.is_cuda:
+        from ..kernels.greedy_step import greedy_step_triton
+
+        return greedy_step_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), ids, lens, kv_lens,
+                                  active)
+    ids.copy_(first_argmax(logits))
+    lens.copy_(kv_lens * active)
+
+
 @dataclass(frozen=True)
 class Selection:
     """What choosing this step's tokens takes beyond an argmax; each combination is a graph of its own."""
@@ -406,6 +419,9 @@ class ModelRunner:
         host adds nothing per step. A record step also returns its logits, and feeds finished rows the pad token."""
         buf = self.buffers
         logits = self._decode_logits(n, graphed)
+        if selection == Selection():  # plain greedy: the token and the lengths' advance, fused
+            greedy_step(logits, buf.ids[:n], buf.lens[:n], buf.kv_lens[:n], buf.active[:n])
+            return buf.ids[:n]
         counts = buf.counts[:n] if selection.penalties else None
         bitmask = buf.bitmask[:n] if selection.bitmask else None
         tokens = self._select(logits, {k: v[:n] for k, v in buf.params.items()}, selection, counts,

@@ -1,0 +1,48 @@
+"""The end of a greedy decode step in two launches: the CUDA path of ``runtime.model_runner.greedy_step``.
+
+Picking the token and advancing the buffers took eight small torch kernels at the end of every captured step (the
+two-stage argmax: chunk maxima, the best chunk, a gather, a multiply and an add; then the token copied into the next
+input and the lengths advanced). Launch 1 spreads the row over the GPU: one program per (2048-token chunk, row)
+finds the chunk's first maximum. Launch 2, one program per row, takes the first chunk holding the row's maximum
+(so the first maximum of the row, as ``argmax``), writes the token as the next input and advances the length.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 2048
+
+
+@triton.jit
+def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vocab, CHUNK: tl.constexpr):
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < vocab, other=float("-inf"))
+    best, arg = tl.max(x.to(tl.float32), axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(best_ptr + row * n_chunks + chunk, best)
+    tl.store(best_idx_ptr + row * n_chunks + chunk, chunk * CHUNK + arg)
+
+
+@triton.jit
+def pick_and_advance_kernel(best_ptr, best_idx_ptr, n_chunks, ids_ptr, lens_ptr, kv_lens_ptr, active_ptr,
+                            CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    chunks = tl.arange(0, CHUNKS)
+    best = tl.load(best_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=float("-inf"))
+    first = tl.argmax(best, axis=0, tie_break_left=True)
+    tl.store(ids_ptr + row, tl.load(best_idx_ptr + row * n_chunks + first).to(tl.int64))
+    tl.store(lens_ptr + row, tl.load(kv_lens_ptr + row) * tl.load(active_ptr + row))
+
+
+def greedy_step_triton(logits, ids, lens, kv_lens, active):
+    """ids[r] = argmax(logits[r]); lens[r] = kv_lens[r] * active[r], for the rows of logits [n, V]."""
+    n, vocab = logits.shape
+    n_chunks = triton.cdiv(vocab, CHUNK)
+    best = torch.empty(n, n_chunks, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(n, n_chunks, dtype=torch.int32, device=logits.device)
+    chunk_argmax_kernel[(n_chunks, n)](logits, logits.stride(0), best, best_idx, n_chunks, vocab, CHUNK=CHUNK,
+                                       num_warps=4)
+    pick_and_advance_kernel[(n,)](best, best_idx, n_chunks, ids, lens, kv_lens, active,
+                                  CHUNKS=triton.next_power_of_2(n_chunks), num_warps=4)
