@@ -458,7 +458,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
         _calibrate_fp8_scales(model, pool, recorder)
     attention = _device_attention(model, pool, opts, recorder)
     if device.type == "cuda":
-        from .kernels import pdl
+        from .kernels import pdl, step_kernels_enabled
         from .kernels.small_m_linear import prologue_enabled
 
         off = pdl.off_reason(device)
@@ -468,6 +468,9 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
             "in the GEMV's prologue where the Triton GEMV won the shape (KERNELSTACK_GEMV_PROLOGUE=1)"
             if prologue_enabled() else "their own kernels (KERNELSTACK_GEMV_PROLOGUE=1 folds them into the GEMV, "
                                        "not yet measured on a GPU)"))
+        recorder.event("a decode step's head and tail (rope table, positions and slots, greedy pick): " + (
+            "3 Triton launches (KERNELSTACK_STEP_KERNELS=0 runs the torch ops instead)" if step_kernels_enabled()
+            else "torch ops, about 22 kernels (KERNELSTACK_STEP_KERNELS=0)"))
 
     def forward_prefill(ids, positions, keep):
         return model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits

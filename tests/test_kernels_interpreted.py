@@ -88,6 +88,24 @@ def test_rope_kernel_on_transposed_views(hq, hk, d, dtype):
     assert q_out.transpose(1, 2).is_contiguous()  # token-major, as the op contract fixes
 
 
+def test_step_kernels_switch_off_runs_the_torch_ops(monkeypatch):
+    """``KERNELSTACK_STEP_KERNELS=0`` (the benchmark's torch-step system) takes the torch form; both agree."""
+    from ksbackend import kernels
+    from ksbackend.kernels import rope_table
+
+    dev = device_for_test()
+    pos, inv_freq = torch.randint(0, 9000, (2, 9), device=dev), torch.rand(16, device=dev)
+    kernel, launches = rope_table.rope_cos_sin_triton, []
+    monkeypatch.setattr(rope_table, "rope_cos_sin_triton", lambda *args: launches.append(1) or kernel(*args))
+    fused = kernels._rope_cos_sin(pos, inv_freq, 0.7)
+    monkeypatch.setenv("KERNELSTACK_STEP_KERNELS", "0")
+    assert not kernels.step_kernels_enabled()
+    unfused = kernels._rope_cos_sin(pos, inv_freq, 0.7)
+    assert launches == [1]
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("rows,vocab", [(1, 5000), (3, 2048), (4, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_step_kernels_equal_argmax_and_the_length_advance(rows, vocab, dtype):

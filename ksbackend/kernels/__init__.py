@@ -5,9 +5,18 @@ is a chain: norms, activations; hand-written where layout is the point: RoPE).
 first runs, so the CPU path never needs it.
 """
 
+import os
+
 import torch
 
 from .. import ops
+
+
+def step_kernels_enabled() -> bool:
+    """A decode step's head and tail (the rope table, the positions and slots, the greedy pick and the lengths'
+    advance) run as Triton kernels on CUDA; ``KERNELSTACK_STEP_KERNELS=0`` runs them as the torch ops they replace,
+    which the benchmark's ``torch-step`` system uses to measure what they save."""
+    return os.environ.get("KERNELSTACK_STEP_KERNELS", "1") != "0"
 
 
 def _rms_norm(x, weight, eps, weight_offset, cast_to, out_dtype):
@@ -43,8 +52,11 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition_penalty, freque
 
 
 def _rope_cos_sin(position_ids, inv_freq, scaling):
+    from ..ops.rope import rope_cos_sin_reference
     from .rope_table import rope_cos_sin_triton
 
+    if not step_kernels_enabled():
+        return rope_cos_sin_reference(position_ids, inv_freq, scaling)
     return rope_cos_sin_triton(position_ids, inv_freq, scaling)
 
 

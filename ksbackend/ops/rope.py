@@ -73,11 +73,15 @@ def _angles(position_ids, inv_freq):
     return torch.cat((freqs, freqs), dim=-1)
 
 
+def rope_cos_sin_reference(position_ids, inv_freq, scaling):
+    emb = _angles(position_ids, inv_freq)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
 @torch.library.custom_op("kernelstack::rope_cos_sin", mutates_args=())
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids: [B, T] (any int or float dtype); inv_freq: [D/2]. Returns fp32 (cos, sin): [B, T, D]."""
-    emb = _angles(position_ids, inv_freq)
-    return emb.cos() * scaling, emb.sin() * scaling
+    return rope_cos_sin_reference(position_ids, inv_freq, scaling)
 
 
 @rope_cos_sin.register_fake

@@ -107,7 +107,9 @@ def decode_step_metadata(lens, table, page_size, positions, slots, kv_lens) -> N
     page table: the step's one token goes at position ``lens``, in slot ``table[row, lens // page] * page +
     lens % page``, and the cache then holds ``lens + 1`` tokens. On CUDA one Triton launch instead of eight torch
     kernels at the head of every captured step (kernels/decode_metadata.py); this torch form is its reference."""
-    if lens.is_cuda:
+    from ..kernels import step_kernels_enabled
+
+    if lens.is_cuda and step_kernels_enabled():
         from ..kernels.decode_metadata import decode_metadata_triton
 
         return decode_metadata_triton(lens, table, page_size, positions, slots, kv_lens)

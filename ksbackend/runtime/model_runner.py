@@ -75,7 +75,9 @@ def greedy_step(logits, ids, lens, kv_lens, active) -> None:
     """The end of a plain greedy step: ``ids = argmax(logits)`` (the first maximum) as the next inputs, and the
     lengths advanced to ``kv_lens * active`` (padding rows stay at 0). On CUDA two Triton launches instead of eight
     torch kernels (kernels/greedy_step.py); this torch form is their reference."""
-    if logits.is_cuda:
+    from ..kernels import step_kernels_enabled
+
+    if logits.is_cuda and step_kernels_enabled():
         from ..kernels.greedy_step import greedy_step_triton
 
         return greedy_step_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), ids, lens, kv_lens,
