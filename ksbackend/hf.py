@@ -469,7 +469,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
             if prologue_enabled() else "their own kernels (KERNELSTACK_GEMV_PROLOGUE=1 folds them into the GEMV, "
                                        "not yet measured on a GPU)"))
         recorder.event("a decode step's head and tail (rope table, positions and slots, greedy pick): " + (
-            "3 Triton launches (KERNELSTACK_STEP_KERNELS=0 runs the torch ops instead)" if step_kernels_enabled()
+            "4 Triton launches (KERNELSTACK_STEP_KERNELS=0 runs the torch ops instead)" if step_kernels_enabled()
             else "torch ops, about 22 kernels (KERNELSTACK_STEP_KERNELS=0)"))
 
     def forward_prefill(ids, positions, keep):

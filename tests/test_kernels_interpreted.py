@@ -120,6 +120,9 @@ def test_greedy_step_kernels_equal_argmax_and_the_length_advance(rows, vocab, dt
     logits[0, [7, vocab - 3]] = top.to(dtype)  # a tie across chunks: the first index wins
     if rows > 2:
         logits[2] = float("-inf")
+    if rows > 3:  # NaN is the maximum, as in argmax: the first NaN of a row, and a row all NaN gives token 0
+        logits[1, [vocab - 2, 5]] = float("nan")
+        logits[3] = float("nan")
     kv_lens = torch.randint(1, 1000, (rows,), dtype=torch.int32)
     active = torch.randint(0, 2, (rows,), dtype=torch.int32)
     expected = [torch.full((rows,), -1, dtype=torch.int64), torch.full((rows,), -1, dtype=torch.int32)]
@@ -129,6 +132,7 @@ def test_greedy_step_kernels_equal_argmax_and_the_length_advance(rows, vocab, dt
         t.fill_(-1)
     greedy_step_triton(logits.to(dev), *got, kv_lens.to(dev), active.to(dev))
     assert torch.equal(got[0].cpu(), logits.float().argmax(-1)) and got[0][0] == 7
+    assert torch.equal(expected[0], got[0].cpu())  # the CPU path (first_argmax) agrees
     assert torch.equal(got[1].cpu(), kv_lens * active)
 
 
@@ -164,7 +168,8 @@ def test_rope_table_kernel_equals_the_ops_reference(shape, half, scaling):
 
     dev = device_for_test()
     inv_freq = 1.0 / (500000.0 ** (torch.arange(half, device=dev, dtype=torch.float32) / half))
-    for pos in (torch.randint(0, 131072, shape, device=dev), torch.rand(shape, device=dev) * 4096):
+    sliced = torch.randint(0, 131072, (*shape, 3), device=dev)[..., 1]  # a strided view, as pos[:, -1:] is
+    for pos in (torch.randint(0, 131072, shape, device=dev), torch.rand(shape, device=dev) * 4096, sliced):
         cos, sin = rope_cos_sin_triton(pos, inv_freq, scaling)
         ref_cos, ref_sin = rope_cos_sin(pos.cpu(), inv_freq.cpu(), scaling)  # the op's reference, on the CPU
         assert cos.shape == (*shape, 2 * half) and cos.dtype == torch.float32 and cos.is_contiguous()

@@ -244,6 +244,7 @@ def test_bench_compiles_each_system_once_for_all_batch_sizes(monkeypatch):
     assert len(optimized) == 1
     assert [r["batch"] for r in results] == [1, 3]
     assert [r["systems"]["kernelstack"]["same_tokens"] for r in results] == [1.0, 1.0]
+    assert [r["systems"]["kernelstack"]["warm"] for r in results] == [False, True]  # the table says so
 
 
 def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeypatch, caplog):

@@ -160,7 +160,7 @@ def run_model(bw, out, results, name, batches, systems):
         if system == "kernelstack-sampling":
             extra = SAMPLING
         with _configured(model, system):
-            for sc in scenarios:
+            for index, sc in enumerate(scenarios):
                 label, measured = sc["label"], sc["row"]["systems"]
                 print(f"{name} {label} {system}: measuring (a first call compiles and captures)", flush=True)
                 torch.cuda.empty_cache()
@@ -171,6 +171,8 @@ def run_model(bw, out, results, name, batches, systems):
                     print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
                     measured[system] = None
                     continue
+                # after the first batch size a system is warm (compiled, its KV pool and earlier graphs still held)
+                m["warm"] = index > 0
                 m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 m["bw_util"] = sc["row"]["step_bytes"] / (m["decode_ms"] * 1e-3) / bw
                 if system == "hf-eager":
@@ -241,7 +243,7 @@ def tables(bw, out, results):
                 yield [r["model"], r["scenario"], system, f"{m['generate_ms']:.2f}", f"{m['decode_ms']:.2f}",
                        f"{1e3 * int(r['scenario'].split()[0]) / m['decode_ms']:.0f}", f"{m['bw_util']:.0%}",
                        vs("hf-eager"), vs("hf-static"),
-                       f"{m['first_s']:.1f}", f"{m['peak_gib']:.1f}"]
+                       f"{m['first_s']:.1f}" + (" (warm)" if m.get("warm") else ""), f"{m['peak_gib']:.1f}"]
             if base and base.get("replay"):
                 rp = base["replay"]
                 yield [r["model"], r["scenario"], "kernelstack graph replayed alone", "", f"{rp['replay_ms']:.2f}", "",
@@ -252,7 +254,8 @@ def tables(bw, out, results):
     table(out, "model.generate, bf16, greedy (kernelstack-sampling: temperature 0.7, top-k 50, top-p 0.9); "
                "decode ms/token = (t(144 new) - t(16 new)) / 128",
           ["model", "batch / prompts", "system", "generate ms/token (prefill incl.)", "decode ms/token", "tokens/s",
-           "decode BW util", "speedup vs HF eager", "speedup vs HF static+compile", "first call s", "peak GiB"],
+           "decode BW util", "speedup vs HF eager", "speedup vs HF static+compile",
+           "first call s (warm: compiled at an earlier batch size)", "peak GiB"],
           main_rows())
     kernel_rows = [[r["model"], r["scenario"], name, f"{ms:.3f}"] for r in results
                    if (r["systems"].get("kernelstack") or {}).get("replay")

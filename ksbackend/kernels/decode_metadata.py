@@ -12,11 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_metadata_kernel(lens_ptr, table_ptr, positions_ptr, slots_ptr, kv_lens_ptr, n_rows, table_stride,
+def decode_metadata_kernel(lens_ptr, table_ptr, positions_ptr, slots_ptr, kv_lens_ptr, n_rows, table_stride, width,
                            PAGE: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = rows < n_rows
     pos = tl.load(lens_ptr + rows, mask=live, other=0).to(tl.int64)
+    # the pool reserves every page a step writes; torch's gather would raise here (checked with TRITON_DEBUG=1)
+    tl.device_assert(pos // PAGE < width, "a decode position past its page-table row")
     page = tl.load(table_ptr + rows.to(tl.int64) * table_stride + pos // PAGE, mask=live, other=0).to(tl.int64)
     tl.store(positions_ptr + rows, pos, mask=live)
     tl.store(slots_ptr + rows, page * PAGE + pos % PAGE, mask=live)
@@ -28,4 +30,4 @@ def decode_metadata_triton(lens, table, page_size, positions, slots, kv_lens):
     n = lens.shape[0]
     block = 128
     decode_metadata_kernel[(triton.cdiv(n, block),)](lens, table, positions, slots, kv_lens, n, table.stride(0),
-                                                     PAGE=page_size, BLOCK=block, num_warps=4)
+                                                     table.shape[1], PAGE=page_size, BLOCK=block, num_warps=4)

@@ -5,6 +5,8 @@ two-stage argmax: chunk maxima, the best chunk, a gather, a multiply and an add;
 input and the lengths advanced). Launch 1 spreads the row over the GPU: one program per (2048-token chunk, row)
 finds the chunk's first maximum. Launch 2, one program per row, takes the first chunk holding the row's maximum
 (so the first maximum of the row, as ``argmax``), writes the token as the next input and advances the length.
+NaN counts as the maximum, as in ``argmax``: the first NaN of a row wins (a broken row still yields a token in the
+vocabulary, never a padding lane's index).
 """
 
 import torch
@@ -19,8 +21,13 @@ def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vo
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < vocab, other=float("-inf"))
-    best, arg = tl.max(x.to(tl.float32), axis=0, return_indices=True, return_indices_tie_break_left=True)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+    nan = (x != x).to(tl.int32)
+    best, arg = tl.max(tl.where(nan != 0, float("-inf"), x), axis=0, return_indices=True,
+                       return_indices_tie_break_left=True)
+    has_nan = tl.max(nan, axis=0) > 0  # then the chunk's first NaN, and its best stays NaN for launch 2 to see
+    best = tl.where(has_nan, float("nan"), best)
+    arg = tl.where(has_nan, tl.argmax(nan, axis=0, tie_break_left=True), arg)
     tl.store(best_ptr + row * n_chunks + chunk, best)
     tl.store(best_idx_ptr + row * n_chunks + chunk, chunk * CHUNK + arg)
 
@@ -31,7 +38,9 @@ def pick_and_advance_kernel(best_ptr, best_idx_ptr, n_chunks, ids_ptr, lens_ptr,
     row = tl.program_id(0)
     chunks = tl.arange(0, CHUNKS)
     best = tl.load(best_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=float("-inf"))
-    first = tl.argmax(best, axis=0, tie_break_left=True)
+    nan = (best != best).to(tl.int32)
+    first = tl.where(tl.max(nan, axis=0) > 0, tl.argmax(nan, axis=0, tie_break_left=True),
+                     tl.argmax(tl.where(nan != 0, float("-inf"), best), axis=0, tie_break_left=True))
     tl.store(ids_ptr + row, tl.load(best_idx_ptr + row * n_chunks + first).to(tl.int64))
     tl.store(lens_ptr + row, tl.load(kv_lens_ptr + row) * tl.load(active_ptr + row))
 

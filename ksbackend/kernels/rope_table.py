@@ -43,6 +43,6 @@ def rope_cos_sin_triton(position_ids, inv_freq, scaling):
     block_h = next_power_of_2(half)
     block_t = max(1, min(64, 2048 // block_h, next_power_of_2(n_tokens)))  # ~2K angles a program
     rope_cos_sin_kernel[(triton.cdiv(n_tokens, block_t),)](
-        position_ids.reshape(-1), inv_freq.contiguous(), cos, sin, n_tokens, float(scaling), HALF=half,
+        position_ids.contiguous().view(-1), inv_freq.contiguous(), cos, sin, n_tokens, float(scaling), HALF=half,
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return cos, sin
