@@ -13,11 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 CHUNK = 2048
 
 
 @triton.jit
-def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vocab, CHUNK: tl.constexpr):
+def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vocab, CHUNK: tl.constexpr,
+                        PDL: tl.constexpr):
+    if PDL:  # launched while the lm_head GEMV finishes; the logits are read after the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -34,7 +40,10 @@ def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vo
 
 @triton.jit
 def pick_and_advance_kernel(best_ptr, best_idx_ptr, n_chunks, ids_ptr, lens_ptr, kv_lens_ptr, active_ptr,
-                            CHUNKS: tl.constexpr):
+                            CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while launch 1 finishes
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     chunks = tl.arange(0, CHUNKS)
     best = tl.load(best_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=float("-inf"))
@@ -51,7 +60,8 @@ def greedy_step_triton(logits, ids, lens, kv_lens, active):
     n_chunks = triton.cdiv(vocab, CHUNK)
     best = torch.empty(n, n_chunks, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(n, n_chunks, dtype=torch.int32, device=logits.device)
+    launch = pdl.launch_options(logits.device)
     chunk_argmax_kernel[(n_chunks, n)](logits, logits.stride(0), best, best_idx, n_chunks, vocab, CHUNK=CHUNK,
-                                       num_warps=4)
+                                       num_warps=4, **launch)
     pick_and_advance_kernel[(n,)](best, best_idx, n_chunks, ids, lens, kv_lens, active,
-                                  CHUNKS=triton.next_power_of_2(n_chunks), num_warps=4)
+                                  CHUNKS=triton.next_power_of_2(n_chunks), num_warps=4, **launch)

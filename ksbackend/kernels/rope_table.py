@@ -11,12 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .generator import next_power_of_2
 
 
 @triton.jit
 def rope_cos_sin_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, n_tokens, scaling, HALF: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the step's metadata kernel finishes; positions are read after the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     freqs = tl.arange(0, BLOCK_H)
     pos = tl.load(pos_ptr + tokens, mask=tokens < n_tokens, other=0).to(tl.float32)
@@ -44,5 +48,5 @@ def rope_cos_sin_triton(position_ids, inv_freq, scaling):
     block_t = max(1, min(64, 2048 // block_h, next_power_of_2(n_tokens)))  # ~2K angles a program
     rope_cos_sin_kernel[(triton.cdiv(n_tokens, block_t),)](
         position_ids.contiguous().view(-1), inv_freq.contiguous(), cos, sin, n_tokens, float(scaling), HALF=half,
-        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4, **pdl.launch_options(position_ids.device))
     return cos, sin
