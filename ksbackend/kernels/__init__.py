@@ -52,11 +52,12 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition_penalty, freque
 
 
 def _rope_cos_sin(position_ids, inv_freq, scaling):
-    from ..ops.rope import rope_cos_sin_reference
+    if not step_kernels_enabled():
+        from ..ops.rope import rope_cos_sin_reference
+
+        return rope_cos_sin_reference(position_ids, inv_freq, scaling)
     from .rope_table import rope_cos_sin_triton
 
-    if not step_kernels_enabled():
-        return rope_cos_sin_reference(position_ids, inv_freq, scaling)
     return rope_cos_sin_triton(position_ids, inv_freq, scaling)
 
 
