@@ -470,7 +470,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
                                        "not yet measured on a GPU)"))
         recorder.event("a decode step's head and tail (rope table, positions and slots, greedy pick): " + (
             "4 Triton launches (KERNELSTACK_STEP_KERNELS=0 runs the torch ops instead)" if step_kernels_enabled()
-            else "torch ops, about 22 kernels (KERNELSTACK_STEP_KERNELS=0)"))
+            else "torch ops, about 23 kernels (KERNELSTACK_STEP_KERNELS=0)"))
 
     def forward_prefill(ids, positions, keep):
         return model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits

@@ -5,7 +5,7 @@ Anchored on ``linear_cat`` (the projections pass made every linear over paramete
 ``rms_norm``, the normalised half of an ``add_rms_norm`` or an ``act_and_mul`` that nothing else reads, the two
 become one op whose contract is exactly the pair. On the GPU at decode batch sizes the producer then runs in the
 GEMV's prologue, one launch where there were two (input norm -> q/k/v, post-attention norm -> gate/up, SiLU*mul ->
-down, final norm -> lm_head: 3 launches a layer fewer).
+down: 3 launches a layer fewer). The final norm stays: lm_head reads a slice of it (HF's ``logits_to_keep``).
 """
 
 import operator
