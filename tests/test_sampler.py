@@ -92,7 +92,8 @@ def test_penalties_match_hf_repetition_processor_and_openai_formula():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(5, 300, generator=g) * 4
     input_ids = torch.randint(0, 300, (5, 40), generator=g)
-    counts = torch.zeros(5, 300, dtype=torch.int32).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=torch.int32))
+    ones_at = torch.ones_like(input_ids, dtype=torch.int32)
+    counts = torch.zeros(5, 300, dtype=torch.int32).scatter_add_(1, input_ids, ones_at)
     ones, zeros = torch.ones(5), torch.zeros(5)
     for penalty in (1.3, 0.7):
         ours = penalized_logits(scores, ones * penalty, zeros, zeros, counts, None)
@@ -138,14 +139,16 @@ def test_never_draws_outside_hf_allowed_set(impl):
     n = len(rows)
     logits = torch.randn(n, vocab, generator=g) * torch.tensor([cfg[0] for cfg in rows])[:, None]
     counts = torch.randint(0, 3, (n, vocab), generator=g, dtype=torch.int32) * (torch.rand(n, vocab, generator=g) < 0.1)
-    bitmask = random_bitmask(n, vocab, g) | (torch.rand(n, 1, generator=g) < 0.5).int() * -1  # half the rows: all allowed
+    all_allowed = (torch.rand(n, 1, generator=g) < 0.5).int() * -1  # half the rows
+    bitmask = random_bitmask(n, vocab, g) | all_allowed
     names = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"]
     params = SamplingParams.from_values(n, dev, **{k: [cfg[i + 1] for cfg in rows] for i, k in enumerate(names)})
     p = SamplingParams.from_values(n, "cpu", **{k: [cfg[i + 1] for cfg in rows] for i, k in enumerate(names)})
     scores = penalized_logits(logits, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, counts, bitmask)
     allowed = torch.stack([torch.isfinite(hf_warped(s, *cfg[1:5])) for s, cfg in zip(scores, rows)])
     for offset in range(2):
-        tokens = draw(impl, logits.to(dev), params, offset, token_counts=counts.to(dev), allowed_bitmask=bitmask.to(dev))
+        tokens = draw(impl, logits.to(dev), params, offset, token_counts=counts.to(dev),
+                      allowed_bitmask=bitmask.to(dev))
         assert tokens.dtype == torch.int64 and tokens.shape == (n,)
         assert allowed.gather(1, tokens[:, None]).all()
 
@@ -192,6 +195,30 @@ def test_greedy_rows_are_argmax_and_seed_offset_reproduce(impl, dtype):
     others = torch.stack([draw(impl, logits, params, offset=o, token_counts=counts) for o in (4, 5)])
     assert torch.equal(others[:, :3], first[:3].expand(2, -1))  # greedy rows never move
     assert (others[:, 3:] != first[3:]).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_rows_give_argmax_for_greedy_and_a_vocabulary_token_for_the_rest(impl):
+    """A broken row (NaN logits) must not index past the vocabulary: greedy rows take the first NaN, as argmax, beside
+    healthy sampled rows. A sampled row of NaNs raises HF's multinomial error in the reference; the kernel, which
+    cannot raise inside a CUDA graph, returns a token of the row."""
+    dev = device_for(impl)
+    vocab = 300  # 5 chunks of 64, the last one part padding
+    logits = torch.randn(6, vocab)
+    logits[0, [250, 9]] = float("nan")
+    logits[[1, 4, 5]] = float("nan")
+    params = SamplingParams.from_values(6, dev, greedy=[True, True, False, False, False, False],
+                                        temperature=[1.0, 1.0, 0.9, 0.7, 0.9, 0.7], top_k=[0, 0, 0, 20, 0, 20],
+                                        top_p=[1.0, 1.0, 1.0, 0.9, 1.0, 0.9])
+    if impl == "reference":
+        with pytest.raises(RuntimeError, match="nan"):
+            draw(impl, logits.to(dev), params)
+        logits, params = logits[:4], SamplingParams.from_values(4, dev, greedy=[True, True, False, False],
+                                                                temperature=[1.0, 1.0, 0.9, 0.7],
+                                                                top_k=[0, 0, 0, 20], top_p=[1.0, 1.0, 1.0, 0.9])
+    tokens = draw(impl, logits.to(dev), params)
+    assert tokens[0] == 9 and tokens[1] == 0  # the first NaN of the row
+    assert ((tokens >= 0) & (tokens < vocab)).all()
 
 
 def test_sampling_params_build_select_and_sample_in_a_compiled_graph():

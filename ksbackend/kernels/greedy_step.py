@@ -19,7 +19,7 @@ CHUNK = 2048
 
 
 @triton.jit
-def _first_max(x):
+def first_max(x):
     """(max, index of its first occurrence) of a block, NaN counting as the maximum as in ``argmax``. Triton's max
     keeps either side of a NaN comparison, so NaNs are set aside for the max and found by their own argmax."""
     nan = (x != x).to(tl.int32)
@@ -40,7 +40,7 @@ def chunk_argmax_kernel(logits_ptr, stride, best_ptr, best_idx_ptr, n_chunks, vo
     row = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-    best, arg = _first_max(x)  # a chunk holding a NaN stores NaN as its best, for launch 2 to see
+    best, arg = first_max(x)  # a chunk holding a NaN stores NaN as its best, for launch 2 to see
     tl.store(best_ptr + row * n_chunks + chunk, best)
     tl.store(best_idx_ptr + row * n_chunks + chunk, chunk * CHUNK + arg)
 
@@ -54,7 +54,7 @@ def pick_and_advance_kernel(best_ptr, best_idx_ptr, n_chunks, ids_ptr, lens_ptr,
     row = tl.program_id(0)
     chunks = tl.arange(0, CHUNKS)
     best = tl.load(best_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=float("-inf"))
-    _, first = _first_max(best)
+    _, first = first_max(best)
     tl.store(ids_ptr + row, tl.load(best_idx_ptr + row * n_chunks + first).to(tl.int64))
     tl.store(lens_ptr + row, tl.load(kv_lens_ptr + row) * tl.load(active_ptr + row))
 

@@ -84,6 +84,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     greedy = greedy | (temperature <= 0)
     scaled, mask = sampling_mask(scores, torch.where(greedy, 1.0, temperature.float()), top_k, top_p, min_p)
     probs = scaled.masked_fill(~mask, float("-inf")).softmax(-1)
+    probs = probs.masked_fill(greedy[:, None], 1.0)  # a greedy row's draw is unused: its NaNs must not raise
     drawn = torch.multinomial(probs, 1, generator=_step_generator(seed, offset, logits.device))[:, 0]
     return torch.where(greedy, scores.argmax(-1), drawn)
 
