@@ -458,16 +458,15 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
         _calibrate_fp8_scales(model, pool, recorder)
     attention = _device_attention(model, pool, opts, recorder)
     if device.type == "cuda":
-        from .kernels import pdl, step_kernels_enabled
-        from .kernels.small_m_linear import prologue_enabled
+        from .kernels import gemv_prologue_enabled, pdl, step_kernels_enabled
 
         off = pdl.off_reason(device)
         recorder.event("Triton kernels: programmatic dependent launch " + (f"off: {off}" if off else
                                                                           "on (KERNELSTACK_PDL=0 turns it off)"))
         recorder.event("norms and SiLU*mul feeding a GEMV: " + (
             "in the GEMV's prologue where the Triton GEMV won the shape (KERNELSTACK_GEMV_PROLOGUE=1)"
-            if prologue_enabled() else "their own kernels (KERNELSTACK_GEMV_PROLOGUE=1 folds them into the GEMV, "
-                                       "not yet measured on a GPU)"))
+            if gemv_prologue_enabled() else "their own kernels (KERNELSTACK_GEMV_PROLOGUE=1 folds them into the "
+                                            "GEMV, not yet measured on a GPU)"))
         recorder.event("a decode step's head and tail (rope table, positions and slots, greedy pick): " + (
             "4 Triton launches (KERNELSTACK_STEP_KERNELS=0 runs the torch ops instead)" if step_kernels_enabled()
             else "torch ops, about 23 kernels (KERNELSTACK_STEP_KERNELS=0)"))

@@ -6,12 +6,16 @@ Anchored on ``linear_cat`` (the projections pass made every linear over paramete
 become one op whose contract is exactly the pair. On the GPU at decode batch sizes the producer then runs in the
 GEMV's prologue, one launch where there were two (input norm -> q/k/v, post-attention norm -> gate/up, SiLU*mul ->
 down: 3 launches a layer fewer). The final norm stays: lm_head reads a slice of it (HF's ``logits_to_keep``).
+
+Off unless ``KERNELSTACK_GEMV_PROLOGUE=1``: without the prologue kernels the fused op runs the same two kernels, so
+the rewrite buys nothing, and it is not yet measured on a GPU. It then leaves every site, saying so.
 """
 
 import operator
 
 import torch
 
+from ksbackend.kernels import gemv_prologue_enabled
 from ksbackend.ops import fused_linear as _fused_linear_ops  # noqa: F401  (registers the ops)
 
 from .base import GraphPass, describe, kernelstack_op
@@ -41,11 +45,14 @@ class LinearProloguePass(GraphPass):
     name = "linear_prologue"
 
     def run(self, gm, result):
+        enabled = gemv_prologue_enabled()
         for linear in [n for n in gm.graph.nodes if kernelstack_op(n) == "kernelstack::linear_cat"]:
             found = _producer(linear)
             if found is None:
                 continue  # its input comes from elsewhere (attention's output, the embedding): nothing to fold
             site = describe(linear)
+            if not enabled:
+                found = "off: KERNELSTACK_GEMV_PROLOGUE=1 folds it (then the GEMV computes its input)"
             if isinstance(found, str):
                 result.leave(site, found)
                 continue

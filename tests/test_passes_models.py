@@ -15,6 +15,12 @@ from .conftest import compile_fx
 LAYERS = 2
 
 
+@pytest.fixture(autouse=True)
+def gemv_prologue_on(monkeypatch):
+    """The linear_prologue pass folds only with the GEMV prologue on: these tests check its rewrites too."""
+    monkeypatch.setenv("KERNELSTACK_GEMV_PROLOGUE", "1")
+
+
 def expected_counts(family):
     qk_norms = 2 * LAYERS if family == "qwen3" else 0
     return {"rope_cos_sin": 1, "rope": LAYERS, "attention": LAYERS, "rms_norm": 2 * LAYERS + 1 + qk_norms,
@@ -155,3 +161,20 @@ def test_rope_into_attention_hands_the_bf16_model_the_fp32_table(family):
     assert torch.equal(fused.generate(ids, **settings), reference)
     sites = [s for g in ksbackend.explain(fused).graphs for s in g.pass_result("rope_into_attention").matched]
     assert len(sites) == 2 * LAYERS and all(s.endswith("(the fp32 table, rounded in the op)") for s in sites)
+
+
+def test_linear_prologue_is_off_by_default_and_says_why(monkeypatch):
+    monkeypatch.delenv("KERNELSTACK_GEMV_PROLOGUE")
+    model = build_model(tiny_config("llama"))
+    ids, _ = random_prompt(model.config.vocab_size, 2, 7)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = compile_fx(model)(ids).logits
+    report = ksbackend.explain()
+    pass_report = next(p for p in report.graphs[0].passes if p.name == "linear_prologue")
+    assert not pass_report.matched and len(pass_report.left) == 3 * LAYERS
+    assert all("KERNELSTACK_GEMV_PROLOGUE=1" in reason for _, reason in pass_report.left)
+    ops = report.graphs[0].ops
+    assert not [name for name in ops if name.endswith("_linear")]  # norms and SiLU*mul stay their own ops
+    assert ops["kernelstack::linear_cat"] == 4 * LAYERS + 1
+    assert (out - ref).abs().max() <= 1e-4

@@ -19,6 +19,15 @@ def step_kernels_enabled() -> bool:
     return os.environ.get("KERNELSTACK_STEP_KERNELS", "1") != "0"
 
 
+def gemv_prologue_enabled() -> bool:
+    """``KERNELSTACK_GEMV_PROLOGUE=1`` folds norms and SiLU*mul into the linear after them (the ``linear_prologue``
+    pass) and runs them in the GEMV's prologue where the Triton GEMV won the shape. Off by default until a GPU run
+    has measured it against the two launches it replaces (the benchmark's ``gemv-prologue`` system): it saves a
+    launch, but every program of the GEMV also reads the residual or the up half, which may cost more than the
+    launch on the 8B's 28672-wide gate/up."""
+    return os.environ.get("KERNELSTACK_GEMV_PROLOGUE", "0") == "1"
+
+
 def _rms_norm(x, weight, eps, weight_offset, cast_to, out_dtype):
     from .rms_norm import rms_norm_triton
 

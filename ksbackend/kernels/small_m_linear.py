@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ops import activation as activation_ops
-from . import pdl
+from . import gemv_prologue_enabled, pdl
 
 log = logging.getLogger("ksbackend")
 
@@ -367,18 +367,10 @@ def time_candidates(names, x2d, weight, bias):
 SHAPE_CHOICES = ShapeChoices()
 
 
-def prologue_enabled() -> bool:
-    """``KERNELSTACK_GEMV_PROLOGUE=1`` runs norms and SiLU*mul in the GEMV's prologue. Off by default until a GPU run
-    has measured it against the two launches it replaces (the benchmark's ``gemv-prologue`` system): it saves a
-    launch, but every program of the GEMV also reads the residual or the up half, which may cost more than the
-    launch on the 8B's 28672-wide gate/up."""
-    return os.environ.get("KERNELSTACK_GEMV_PROLOGUE", "0") == "1"
-
-
 def fused_tile(x2d, weight, bias):
     """The Triton tile that won this GEMV shape, for a kernel that computes x2d in its prologue; None where cuBLAS
     won (or the shape is not a GEMV's, or the prologue is off), and the producer runs as its own kernel."""
-    return TILE_BY_NAME.get(SHAPE_CHOICES.choose(x2d, weight, bias)) if prologue_enabled() else None
+    return TILE_BY_NAME.get(SHAPE_CHOICES.choose(x2d, weight, bias)) if gemv_prologue_enabled() else None
 
 
 def linear_cuda(x, weight, bias, static_weight=False):
