@@ -70,10 +70,13 @@ def key_inputs(model_config: dict, options: dict) -> dict:
     """Everything the key hashes: a change in any of it gives a new entry."""
     import passes
 
+    from .kernels import gemv_prologue_enabled
+
     return {
         "model": model_config,
         "options": options,
         "passes": [[p.name, p.source_hash()] for p in passes.DEFAULT_PASSES],
+        "switches": {"gemv_prologue": gemv_prologue_enabled()},  # environment that changes what a pass rewrites
         "source": _source_digest(),
         "versions": _versions(),
     }

@@ -74,9 +74,19 @@ def test_key_changes_with_options():
     assert len(keys) == 5
 
 
+def test_key_changes_with_the_gemv_prologue_switch(monkeypatch):
+    """KERNELSTACK_GEMV_PROLOGUE decides what the linear_prologue pass rewrites: a stored trace of one setting must
+    not load under the other."""
+    monkeypatch.delenv("KERNELSTACK_GEMV_PROLOGUE", raising=False)
+    off = key_for()
+    monkeypatch.setenv("KERNELSTACK_GEMV_PROLOGUE", "1")
+    assert key_for() != off
+
+
 def test_key_changes_with_model_config_and_versions(monkeypatch):
-    keys = {key_for(), key_for(tiny_config("llama", hidden_size=128)), key_for(tiny_config("llama", num_hidden_layers=3)),
-            key_for(tiny_config("qwen2")), key_for(dtype=torch.bfloat16)}
+    keys = {key_for(), key_for(tiny_config("llama", hidden_size=128)),
+            key_for(tiny_config("llama", num_hidden_layers=3)), key_for(tiny_config("qwen2")),
+            key_for(dtype=torch.bfloat16)}
     assert len(keys) == 5
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert key_for() not in keys
@@ -102,7 +112,8 @@ def test_no_entry_is_a_plain_miss(tmp_path):
     cache = CompileCache("k", tmp_path)
     with cache:
         pass
-    assert not cache.stats.hit and cache.stats.error is None and cache.describe().startswith(f"compile cache {cache.path}: miss;")
+    assert not cache.stats.hit and cache.stats.error is None
+    assert cache.describe().startswith(f"compile cache {cache.path}: miss;")
 
 
 def test_save_writes_a_checked_entry_once(tmp_path, monkeypatch):
@@ -272,7 +283,8 @@ def test_a_second_process_reuses_the_compile(cold):
     assert not first["stats"]["hit"] and first["stats"]["graphs_compiled"] >= 2 and first["stats"]["saved_bytes"] > 0
     second = first_generate(tmp, "inductor")  # same model and options, same machine
     stats = second["stats"]
-    assert stats["key"] == first["stats"]["key"] and stats["hit"] and stats["loaded_bytes"] == first["stats"]["saved_bytes"]
+    assert stats["key"] == first["stats"]["key"] and stats["hit"]
+    assert stats["loaded_bytes"] == first["stats"]["saved_bytes"]
     assert stats["graphs_compiled"] == 0 and stats["graphs_from_cache"] == first["stats"]["graphs_compiled"]
     assert stats["compile_seconds"] < 0.75 * first["stats"]["compile_seconds"], (stats, first["stats"])
     assert second["tokens"] == first["tokens"]
@@ -290,7 +302,8 @@ def test_editing_a_pass_source_invalidates_the_cache(cold):
     edited = tmp / "edited"
     shutil.copytree(ROOT / "passes", edited / "passes", ignore=shutil.ignore_patterns("__pycache__"))
     source = (edited / "passes" / "activation.py").read_text()
-    changed, n = re.subn(r"(\n    def run\(self[^)]*\):\n)", r"\1        return  # edited: fuse nothing\n", source, count=1)
+    changed, n = re.subn(r"(\n    def run\(self[^)]*\):\n)", r"\1        return  # edited: fuse nothing\n", source,
+                         count=1)
     assert n == 1, "ActivationMulPass.run not found"
     (edited / "passes" / "activation.py").write_text(changed)
 
