@@ -117,6 +117,47 @@ def _pack_weights(gm, example_inputs) -> list:
     return packed
 
 
+class _ShortOperatorMessages:
+    """While kernelstack compiles, Inductor's messages about an op name it and its arguments' types instead of
+    printing every argument's IR.
+
+    Why: the first time Inductor (torch 2.12 and older) meets a custom op without a lowering, it formats "Creating
+    implicit fallback for: <each argument's IR>" for a log line, even with that log off, and an argument's IR prints
+    its whole producer tree. On an H100 (torch 2.11) that string held the Llama-3.2-1B prefill compile for minutes.
+    Messages of errors raised meanwhile are short too: the backend logs their first line only. Counted, so threads
+    compiling at once restore the original when the last one finishes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+
+    @staticmethod
+    def _short(target, args, kwargs) -> str:
+        kinds = ", ".join(type(arg).__name__ for arg in args)
+        return f"  target: {target}\n  args: ({kinds})" + (f"\n  kwargs: {sorted(kwargs)}" if kwargs else "")
+
+    @contextlib.contextmanager
+    def __call__(self):
+        from torch._inductor.exc import OperatorIssue
+
+        with self._lock:
+            if self._depth == 0:
+                self._saved = OperatorIssue.__dict__["operator_str"]
+                OperatorIssue.operator_str = staticmethod(self._short)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    OperatorIssue.operator_str = self._saved
+
+
+short_operator_messages = _ShortOperatorMessages()
+
+
 def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **unexpected):
     """Rewrite ``gm`` onto kernelstack ops, then compile the rest (Inductor) or run it as FX."""
     if unexpected:
@@ -142,7 +183,8 @@ def kernelstack_backend(gm: torch.fx.GraphModule, example_inputs, options=None, 
 
         patches = list_mode_options(opts.mode) if opts.mode not in (None, "default") else {}
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            with short_operator_messages():
+                compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as exc:  # noqa: BLE001  an Inductor limitation must not cost the user the rewrite
             # The rewritten graph is still correct as plain FX: each kernelstack op runs its own kernel and the rest
             # runs op by op. Slower, so the report and the log say so (seen: Inductor's CantSplit on a symbolic view

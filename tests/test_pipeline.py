@@ -22,8 +22,9 @@ def small_model_and_input(family="llama"):
 def test_backend_found_by_name_without_importing_ksbackend():
     code = ("import torch; from torch._dynamo import list_backends; "
             "assert 'kernelstack' in list_backends(), list_backends(); "
-            "f = torch.compile(lambda x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x, backend='kernelstack', "
-            "options={'executor': 'fx'}); x = torch.randn(3, 8); print(float((f(x) - x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs().max()))")
+            "norm = lambda x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x; "
+            "f = torch.compile(norm, backend='kernelstack', options={'executor': 'fx'}); "
+            "x = torch.randn(3, 8); print(float((f(x) - norm(x)).abs().max()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) == 0.0
@@ -89,7 +90,8 @@ def test_user_pass_registered_before_builtin_sees_original_graph():
 
     passes.register_pass(count_rsqrt, before="rms_norm")
     try:
-        assert [p.name for p in passes.DEFAULT_PASSES].index("count_rsqrt") < [p.name for p in passes.DEFAULT_PASSES].index("rms_norm")
+        names = [p.name for p in passes.DEFAULT_PASSES]
+        assert names.index("count_rsqrt") < names.index("rms_norm")
         with torch.no_grad():
             compile_fx(model)(ids)
         report = ksbackend.explain()
@@ -128,6 +130,45 @@ def test_inductor_executor_end_to_end(family):
     assert (out - ref).abs().max() <= 1e-4
 
 
+class Unprintable:
+    def __str__(self):
+        raise AssertionError("an argument's IR was printed")
+
+
+def test_inductor_names_ops_without_printing_their_arguments_ir_while_kernelstack_compiles(monkeypatch):
+    """torch 2.12 and older format every argument's IR for a log line the first time Inductor meets a custom op,
+    even with the log off (minutes for a 16-layer graph on an H100): during the backend's compile the message names
+    the op and its arguments' types, nested and concurrent compiles included; afterwards torch's own is back."""
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor.exc import OperatorIssue
+
+    from ksbackend.backend import short_operator_messages
+
+    original = OperatorIssue.__dict__["operator_str"]
+    with short_operator_messages():
+        with short_operator_messages():
+            message = OperatorIssue.operator_str(torch.ops.kernelstack.rms_norm.default, [Unprintable(), 1e-5], {})
+        assert OperatorIssue.__dict__["operator_str"] is not original  # the outer compile still runs
+    assert "kernelstack.rms_norm" in message and "Unprintable" in message
+    assert OperatorIssue.__dict__["operator_str"] is original
+    with pytest.raises(AssertionError, match="IR was printed"):
+        OperatorIssue.operator_str("op", [Unprintable()], {})
+
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def watching(*args, **kwargs):
+        seen.append(OperatorIssue.__dict__["operator_str"] is not original)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", watching)
+    model, ids = small_model_and_input("llama")
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend="kernelstack")(ids).logits
+    assert seen == [True] and (out - ref).abs().max() <= 1e-4
+
+
 class RotaryEmbedding517(torch.nn.Module):
     """transformers 5.17's LlamaRotaryEmbedding.forward, written as it is there (matmul form)."""
 
@@ -137,7 +178,8 @@ class RotaryEmbedding517(torch.nn.Module):
         self.attention_scaling = 1.0
 
     def forward(self, x, position_ids):
-        inv_freq_expanded = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1).to(dtype=torch.float, device=x.device)
+        inv_freq_expanded = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1).to(dtype=torch.float,
+                                                                                                 device=x.device)
         position_ids_expanded = position_ids[:, None, :].float()
         with torch.autocast(device_type="cpu", enabled=False):
             freqs = (inv_freq_expanded @ position_ids_expanded).transpose(1, 2)
