@@ -141,6 +141,9 @@ class _ShortOperatorMessages:
     def __call__(self):
         from torch._inductor.exc import OperatorIssue
 
+        if "operator_str" not in OperatorIssue.__dict__:  # another torch: nothing to shorten
+            yield
+            return
         with self._lock:
             if self._depth == 0:
                 self._saved = OperatorIssue.__dict__["operator_str"]

@@ -51,7 +51,7 @@ class LinearProloguePass(GraphPass):
             if found is None:
                 continue  # its input comes from elsewhere (attention's output, the embedding): nothing to fold
             site = describe(linear)
-            if not enabled:
+            if not enabled and not isinstance(found, str):  # a site that could not fold keeps its own reason
                 found = "off: KERNELSTACK_GEMV_PROLOGUE=1 folds it (then the GEMV computes its input)"
             if isinstance(found, str):
                 result.leave(site, found)

@@ -153,6 +153,10 @@ def test_inductor_names_ops_without_printing_their_arguments_ir_while_kernelstac
     assert OperatorIssue.__dict__["operator_str"] is original
     with pytest.raises(AssertionError, match="IR was printed"):
         OperatorIssue.operator_str("op", [Unprintable()], {})
+    with monkeypatch.context() as patched:  # a torch without the method: compiles go on, nothing is patched
+        patched.delattr(OperatorIssue, "operator_str")
+        with short_operator_messages():
+            assert "operator_str" not in OperatorIssue.__dict__
 
     seen = []
     real = compile_fx_module.compile_fx

@@ -20,20 +20,19 @@ from .common import table, wall
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
 SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "kernelstack-sampling", "no-graphs", "no-fused-kernels",
            "no-flashinfer", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl", "gemv-prologue",
-           "torch-step", "no-prologue-pass")
+           "torch-step")
 SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 VARIANTS = {"kernelstack": {}, "kernelstack-sampling": {}, "no-graphs": {"cuda_graphs": False},
             "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
                                                                         "act_and_mul"]}},
             "no-flashinfer": {"attention": "reference"}, "triton-decode": {"decode_kernel": "triton"},
             "xqa-decode": {"decode_kernel": "xqa"}, "cublas-gemm": {}, "no-pdl": {}, "gemv-prologue": {},
-            "torch-step": {}, "no-prologue-pass": {"backend_options": {"disable_passes": ["linear_prologue"]}}}
+            "torch-step": {}}
 # systems that are kernelstack with an environment switch, set while they compile, capture and run
 ENVIRONMENT = {"cublas-gemm": {"KERNELSTACK_SMALL_M_GEMV": "0"}, "no-pdl": {"KERNELSTACK_PDL": "0"},
                "gemv-prologue": {"KERNELSTACK_GEMV_PROLOGUE": "1"}, "torch-step": {"KERNELSTACK_STEP_KERNELS": "0"}}
 # their decode graphs are profiled
-REPLAYED = ("kernelstack", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl", "gemv-prologue", "torch-step",
-            "no-prologue-pass")
+REPLAYED = ("kernelstack", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl", "gemv-prologue", "torch-step")
 
 
 def load(name):
