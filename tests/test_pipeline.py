@@ -1,5 +1,6 @@
 """The backend's contract: entry point, options, the mode= keyword, the pass API and its safety net."""
 
+import logging
 import subprocess
 import sys
 
@@ -171,6 +172,35 @@ def test_inductor_names_ops_without_printing_their_arguments_ir_while_kernelstac
         ref = model(ids).logits
         out = torch.compile(model, backend="kernelstack")(ids).logits
     assert seen == [True] and (out - ref).abs().max() <= 1e-4
+
+
+def test_a_custom_op_first_met_deep_in_the_graph_is_named_not_printed(monkeypatch):
+    """The stall the H100 hit, replayed on the CPU: with the GEMV prologue on, the final norm is the graph's only plain
+    add_rms_norm, so Inductor meets that op first after every layer, and printing its arguments' IR grows
+    exponentially with depth (2 layers: 12M characters; 3 layers: 172M, 48 s; 4 layers: over 10 minutes). torch
+    2.11 builds the string always; 2.13 only when its log is on, as here."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("KERNELSTACK_GEMV_PROLOGUE", "1")
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # lowered here, not loaded from an earlier run
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    graph_log = logging.getLogger("torch._inductor.graph")  # torch's loggers do not propagate to caplog's
+    monkeypatch.setattr(graph_log, "level", logging.INFO)
+    graph_log.addHandler(handler)
+    model = build_model(tiny_config("llama"))  # 2 layers: enough to tell a name from a printed tree
+    ids = torch.randint(3, 256, (1, 9))
+    try:
+        with torch.no_grad():
+            ref = model(ids).logits
+            out = torch.compile(model, backend="kernelstack")(ids).logits
+    finally:
+        graph_log.removeHandler(handler)
+    fallbacks = [m for m in messages if "implicit fallback" in m]
+    assert any("add_rms_norm.default" in m for m in fallbacks)  # the deep first encounter happened
+    assert max(map(len, fallbacks)) < 2000
+    assert ksbackend.explain().graphs[0].executor == "inductor" and (out - ref).abs().max() <= 1e-4
 
 
 class RotaryEmbedding517(torch.nn.Module):
