@@ -149,7 +149,7 @@ def run_model(bw, out, results, name, batches, systems):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     scenarios = []
     for batch in batches:
-        ragged = batch > 1 and batch == 32
+        ragged = batch == 32
         ids, mask, lengths = scenario_prompts(model, batch, ragged)
         label = f"{batch} / {'ragged 64..1024' if ragged else '128'}"
         scenarios.append(dict(ids=ids, mask=mask, lengths=lengths, label=label, reference=None,

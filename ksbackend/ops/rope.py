@@ -79,7 +79,8 @@ def rope_cos_sin_reference(position_ids, inv_freq, scaling):
 
 
 @torch.library.custom_op("kernelstack::rope_cos_sin", mutates_args=())
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids: [B, T] (any int or float dtype); inv_freq: [D/2]. Returns fp32 (cos, sin): [B, T, D]."""
     return rope_cos_sin_reference(position_ids, inv_freq, scaling)
 

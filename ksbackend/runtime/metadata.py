@@ -41,7 +41,8 @@ class BatchMetadata:
         return self.positions.numel()
 
     def to(self, device) -> "BatchMetadata":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in vars(self).items()}
         return BatchMetadata(**moved)
 
 
@@ -54,7 +55,8 @@ def build_batch_metadata(page_tables, kv_lens, new_tokens, page_size) -> BatchMe
     for b, (pages, length, new) in enumerate(zip(page_tables, kv_lens, new_tokens)):
         needed = -(-length // page_size)
         if new < 1 or new > length or len(pages) < needed:
-            raise ValueError(f"sequence {b}: {new} new of {length} tokens does not fit {len(pages)} pages of {page_size}")
+            raise ValueError(f"sequence {b}: {new} new of {length} tokens does not fit {len(pages)} pages of "
+                             f"{page_size}")
         pages = list(pages[:needed])
         indices += pages
         qo_indptr.append(qo_indptr[-1] + new)
@@ -117,4 +119,3 @@ def decode_step_metadata(lens, table, page_size, positions, slots, kv_lens) -> N
     pages = table.gather(1, (positions // page_size)[:, None])[:, 0]
     slots.copy_(pages * page_size + positions % page_size)
     kv_lens.copy_(lens + 1)
-
