@@ -179,22 +179,29 @@ def _chunk_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     x = _scores(logits_ptr, counts_ptr, mask_ptr, row, offs, vocab, stride_l, stride_c, stride_m, temperature,
                 rep_ptr, freq_ptr, pres_ptr, HAS_COUNTS, HAS_MASK)
-    score = x
-    if (greedy == 0) & (truncated == 0):
-        score = x + _gumbel(tl.load(seed_ptr), tl.load(offset_ptr), row, offs)
     # NaN counts as the maximum, as in argmax (+inf ties with it): Triton's max may keep either side of a NaN
     # comparison and return a padding lane's index. A select, not greedy_step's first_max: launch 1 is
     # instruction-bound at batch 32, and with first_max's two extra reductions it took 37.6 us on an H100 (34.0 before)
-    score = tl.where(score != score, float("inf"), score)
-    best, arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    x = tl.where(x != x, float("inf"), x)
     slot = row.to(tl.int64) * n_chunks + chunk
-    tl.store(best_ptr + slot, best)
-    tl.store(best_idx_ptr + slot, chunk * CHUNK + arg)
-    if truncated:
-        # exp(-inf) = 0 drops disallowed tokens; the clamp keeps an all-disallowed chunk from -inf - -inf
-        tl.store(sum_ptr + slot, tl.sum(tl.exp(x - tl.maximum(best, -3.0e38)), axis=0))
+    if truncated:  # the lists decide: the chunk's max is needed, not where it is
+        best = tl.max(x, axis=0)
+        tl.store(best_ptr + slot, best)
+        # the row's softmax mass serves top-p and min-p without top-k; with top-k, launch 2 sums the kept tokens
+        _k, topk_on, _p, _topp_on, _m, _minp_on = _warpers(top_k_ptr, top_p_ptr, min_p_ptr, row, vocab)
+        mass = 1.0
+        if topk_on == 0:  # exp(-inf) = 0 drops disallowed tokens; the clamp keeps -inf - -inf out
+            mass = tl.sum(tl.exp(x - tl.maximum(best, -3.0e38)), axis=0)
+        tl.store(sum_ptr + slot, mass)
         floor = _compact(list_ptr + slot * SLOTS, _pack(x, offs), x, _survivors(x, KMAX, GROUPS, BINS), SLOTS)
         tl.store(floor_ptr + slot, floor)
+    else:  # greedy rows: the first maximum; the others: Gumbel-max, an exact categorical draw
+        score = x
+        if greedy == 0:
+            score = x + _gumbel(tl.load(seed_ptr), tl.load(offset_ptr), row, offs)
+        best, arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(best_ptr + slot, best)
+        tl.store(best_idx_ptr + slot, chunk * CHUNK + arg)
 
 
 @triton.jit
@@ -215,12 +222,13 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
     in_row = chunk < n_chunks
     slots = row.to(tl.int64) * n_chunks + chunk
     best = tl.load(best_ptr + slots, mask=in_row, other=float("-inf"))
-    # greedy and Gumbel rows: the first chunk holding the max holds the first index of it
-    token = tl.load(best_idx_ptr + row.to(tl.int64) * n_chunks + tl.argmax(best, axis=0, tie_break_left=True))
-    if truncated:
+    if truncated == 0:  # greedy and Gumbel rows: the first chunk holding the max holds the first index of it
+        token = tl.load(best_idx_ptr + row.to(tl.int64) * n_chunks + tl.argmax(best, axis=0, tie_break_left=True))
+    else:
         top_k, topk_on, top_p, topp_on, min_p, minp_on = _warpers(top_k_ptr, top_p_ptr, min_p_ptr, row, vocab)
         top_max = tl.max(best, axis=0)
-        # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max
+        # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max (rows with top-k
+        # stored a placeholder: they never read z_full)
         z_full = tl.sum(tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max), axis=0)
         # the chunk lists, filtered again into one list of the row's best, top[row] (read back after a barrier)
         flat = tl.arange(0, CHUNKS * SLOTS)
