@@ -115,6 +115,33 @@ def _gumbel(seed, offset, row, idx):
     return -tl.log(-tl.log(_uniform(seed, offset, row, idx)))
 
 
+# Combine functions for reductions of two values at once: each tl.reduce costs one round through shared memory and a
+# barrier or two, whatever it carries, and a program that merges lists is a chain of such rounds (launch 2 at batch 1)
+@triton.jit
+def _min_and_max(a_min, a_max, b_min, b_max):
+    return tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
+
+
+@triton.jit
+def _max_and_min(a_max, a_min, b_max, b_min):
+    return tl.maximum(a_max, b_max), tl.minimum(a_min, b_min)
+
+
+@triton.jit
+def _max_and_max(a0, a1, b0, b1):
+    return tl.maximum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
+def _sum_and_max(a_sum, a_max, b_sum, b_max):
+    return a_sum + b_sum, tl.maximum(a_max, b_max)
+
+
+@triton.jit
+def _sum_and_sum(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
 @triton.jit
 def _histogram_bound(group_max, lo, hi, KMAX: tl.constexpr, BINS: tl.constexpr):
     """Bins the group maxima into BINS equal bins over [lo, hi] (below lo: bin 0) and finds the highest bin whose
@@ -123,10 +150,12 @@ def _histogram_bound(group_max, lo, hi, KMAX: tl.constexpr, BINS: tl.constexpr):
     scale = tl.where(hi > lo, BINS / (hi - lo), 0.0)  # 0: one bin (equal maxima, or an infinity)
     where = tl.where(scale > 0.0, (group_max - lo) * scale, 0.0)
     counts = tl.histogram(tl.minimum(tl.maximum(where, 0.0), BINS - 1).to(tl.int32), BINS)  # -inf groups: bin 0
-    reached = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # maxima in this bin or above
-    first = tl.max(tl.where(reached >= KMAX, tl.arange(0, BINS), 0), axis=0)
-    crowded = tl.max(tl.where(tl.arange(0, BINS) == first, reached, 0), axis=0) > 2 * KMAX
-    return scale, first, where, crowded
+    reached = tl.cumsum(counts, axis=0, reverse=True)  # maxima in this bin or above: non-increasing
+    # the bins reaching KMAX are a prefix, so the last one's count is their least
+    qualifies = reached >= KMAX
+    first, least = tl.reduce((tl.where(qualifies, tl.arange(0, BINS), 0), tl.where(qualifies, reached, 2**30)), 0,
+                             _max_and_min)
+    return scale, first, where, (least > 2 * KMAX) & (least < 2**30)
 
 
 @triton.jit
@@ -141,8 +170,7 @@ def _survivors(x, KMAX: tl.constexpr, GROUPS: tl.constexpr, BINS: tl.constexpr):
     none is lost to rounding."""
     group_max = tl.max(tl.reshape(x, [GROUPS, x.numel // GROUPS]), axis=1)
     finite = group_max > float("-inf")
-    lo = tl.min(tl.where(finite, group_max, float("inf")), axis=0)
-    hi = tl.max(group_max, axis=0)
+    lo, hi = tl.reduce((tl.where(finite, group_max, float("inf")), group_max), 0, _min_and_max)
     scale, first, where, crowded = _histogram_bound(group_max, lo, hi, KMAX, BINS)
     if crowded:  # lo becomes a maximum at or below the KMAX-th best, so the bound stays a lower bound
         lo = tl.min(tl.where(finite & (where >= first), group_max, float("inf")), axis=0)
@@ -158,9 +186,10 @@ def _compact(dst_ptr, packed, x, survivors, SLOTS: tl.constexpr):
     slot = tl.cumsum(survivors.to(tl.int32), axis=0) - 1
     listed = survivors & (slot < SLOTS)
     tl.store(dst_ptr + slot, packed, mask=listed)
+    last, floor = tl.reduce((slot, tl.where((x > float("-inf")) & (listed == 0), x, float("-inf"))), 0, _max_and_max)
     rest = tl.arange(0, SLOTS)
-    tl.store(dst_ptr + rest, tl.full([SLOTS], _NONE, tl.int64), mask=rest > tl.max(slot, axis=0))
-    return tl.max(tl.where((x > float("-inf")) & (listed == 0), x, float("-inf")), axis=0)
+    tl.store(dst_ptr + rest, tl.full([SLOTS], _NONE, tl.int64), mask=rest > last)
+    return floor
 
 
 @triton.jit
@@ -228,8 +257,10 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
         top_k, topk_on, top_p, topp_on, min_p, minp_on = _warpers(top_k_ptr, top_p_ptr, min_p_ptr, row, vocab)
         top_max = tl.max(best, axis=0)
         # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max (rows with top-k
-        # stored a placeholder: they never read z_full)
-        z_full = tl.sum(tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max), axis=0)
+        # stored a placeholder: they never read z_full), and the best score a chunk left out of its list
+        z_full, chunk_floor = tl.reduce((tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max),
+                                         tl.load(floor_ptr + slots, mask=in_row, other=float("-inf"))), 0,
+                                        _sum_and_max)
         # the chunk lists, filtered again into one list of the row's best, top[row] (read back after a barrier)
         flat = tl.arange(0, CHUNKS * SLOTS)
         lists = tl.load(list_ptr + row.to(tl.int64) * n_chunks * SLOTS + flat, mask=flat < n_chunks * SLOTS,
@@ -237,8 +268,7 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
         x, _idx = _unpack(lists)
         x = tl.where(lists != _NONE, x, float("-inf"))
         floor = _compact(top_ptr + row * SLOTS, lists, x, _survivors(x, KMAX, GROUPS, BINS), SLOTS)
-        # the best score of a token missing from top[row], left out by a chunk or here
-        floor = tl.maximum(floor, tl.max(tl.load(floor_ptr + slots, mask=in_row, other=float("-inf")), axis=0))
+        floor = tl.maximum(floor, chunk_floor)  # the best score of a token missing from top[row]
         tl.debug_barrier()
         top = tl.load(top_ptr + row * SLOTS + tl.arange(0, SLOTS), volatile=True)
         token, exact = _draw_from_best(top, top_max, z_full, floor, top_k, topk_on, top_p, topp_on, min_p, minp_on,
@@ -263,8 +293,7 @@ def _draw_from_best(top, top_max, z_full, floor, top_k, topk_on, top_p, topp_on,
     e = tl.where(valid, tl.exp(x - top_max), 0.0)  # unnormalised probabilities; 1 for the best token
     # pairwise comparisons instead of a sort: each token's rank and the mass of the strictly better tokens
     better = top[:, None] > top[None, :]
-    rank = tl.sum(better.to(tl.int32), axis=0)
-    before = tl.sum(tl.where(better, e[:, None], 0.0), axis=0)
+    rank, before = tl.reduce((better.to(tl.int32), tl.where(better, e[:, None], 0.0)), 0, _sum_and_sum)
 
     # top-k keeps every token >= the k-th best score (ties too): exact if no missing token reaches it
     kth = tl.max(tl.where(valid & (rank == top_k - 1), x, float("-inf")), axis=0)
@@ -273,12 +302,13 @@ def _draw_from_best(top, top_max, z_full, floor, top_k, topk_on, top_p, topp_on,
     z = tl.where(topk_on, tl.sum(tl.where(in_k, e, 0.0), axis=0), z_full)
     keep = in_k & ((topp_on == 0) | (before < top_p * z)) & ((minp_on == 0) | (e >= min_p))
     keep = keep | (valid & (rank == 0))  # HF's min_tokens_to_keep=1
-    dropped_above_floor = tl.sum((valid & (keep == 0) & (x >= floor)).to(tl.int32), axis=0) > 0
-    exact = tl.where(topk_on, floor < kth, dropped_above_floor) | everything
+    dropped_above_floor, kept_mass = tl.reduce(((valid & (keep == 0) & (x >= floor)).to(tl.int32),
+                                                tl.where(keep, e, 0.0)), 0, _sum_and_sum)
+    exact = tl.where(topk_on, floor < kth, dropped_above_floor > 0) | everything
 
     # inverse CDF: the kept token whose interval [before, before + e) holds the target is the worst one starting
     # at or below it (kept tokens are a prefix, so their `before` counts kept tokens only)
-    target = _uniform(seed, offset, row, vocab) * tl.sum(tl.where(keep, e, 0.0), axis=0)  # counter `vocab`: unused
+    target = _uniform(seed, offset, row, vocab) * kept_mass  # counter `vocab`: unused
     chosen = tl.min(tl.where(keep & (before <= target), top, 2**63 - 1), axis=0)
     return 0x7FFFFFFF - (chosen & 0x7FFFFFFF).to(tl.int32), exact
 
