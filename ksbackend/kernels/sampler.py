@@ -133,11 +133,6 @@ def _max_and_max(a0, a1, b0, b1):
 
 
 @triton.jit
-def _sum_and_max(a_sum, a_max, b_sum, b_max):
-    return a_sum + b_sum, tl.maximum(a_max, b_max)
-
-
-@triton.jit
 def _sum_and_sum(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
@@ -255,12 +250,12 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
         token = tl.load(best_idx_ptr + row.to(tl.int64) * n_chunks + tl.argmax(best, axis=0, tie_break_left=True))
     else:
         top_k, topk_on, top_p, topp_on, min_p, minp_on = _warpers(top_k_ptr, top_p_ptr, min_p_ptr, row, vocab)
-        top_max = tl.max(best, axis=0)
-        # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max (rows with top-k
-        # stored a placeholder: they never read z_full), and the best score a chunk left out of its list
-        z_full, chunk_floor = tl.reduce((tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max),
-                                         tl.load(floor_ptr + slots, mask=in_row, other=float("-inf"))), 0,
-                                        _sum_and_max)
+        # the row's max, and the best score a chunk left out of its list
+        top_max, chunk_floor = tl.reduce((best, tl.load(floor_ptr + slots, mask=in_row, other=float("-inf"))), 0,
+                                         _max_and_max)
+        z_full = tl.zeros([], tl.float32)  # rows with top-k stored a placeholder mass and never read z_full
+        if topk_on == 0:  # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max
+            z_full = tl.sum(tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max), axis=0)
         # the chunk lists, filtered again into one list of the row's best, top[row] (read back after a barrier)
         flat = tl.arange(0, CHUNKS * SLOTS)
         lists = tl.load(list_ptr + row.to(tl.int64) * n_chunks * SLOTS + flat, mask=flat < n_chunks * SLOTS,
