@@ -123,11 +123,6 @@ def _min_and_max(a_min, a_max, b_min, b_max):
 
 
 @triton.jit
-def _max_and_min(a_max, a_min, b_max, b_min):
-    return tl.maximum(a_max, b_max), tl.minimum(a_min, b_min)
-
-
-@triton.jit
 def _max_and_max(a0, a1, b0, b1):
     return tl.maximum(a0, b0), tl.maximum(a1, b1)
 
@@ -148,8 +143,8 @@ def _histogram_bound(group_max, lo, hi, KMAX: tl.constexpr, BINS: tl.constexpr):
     reached = tl.cumsum(counts, axis=0, reverse=True)  # maxima in this bin or above: non-increasing
     # the bins reaching KMAX are a prefix, so the last one's count is their least
     qualifies = reached >= KMAX
-    first, least = tl.reduce((tl.where(qualifies, tl.arange(0, BINS), 0), tl.where(qualifies, reached, 2**30)), 0,
-                             _max_and_min)
+    least, first = tl.reduce((tl.where(qualifies, reached, 2**30), tl.where(qualifies, tl.arange(0, BINS), 0)), 0,
+                             _min_and_max)
     return scale, first, where, (least > 2 * KMAX) & (least < 2**30)
 
 
@@ -213,10 +208,8 @@ def _chunk_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m
         tl.store(best_ptr + slot, best)
         # the row's softmax mass serves top-p and min-p without top-k; with top-k, launch 2 sums the kept tokens
         _k, topk_on, _p, _topp_on, _m, _minp_on = _warpers(top_k_ptr, top_p_ptr, min_p_ptr, row, vocab)
-        mass = 1.0
         if topk_on == 0:  # exp(-inf) = 0 drops disallowed tokens; the clamp keeps -inf - -inf out
-            mass = tl.sum(tl.exp(x - tl.maximum(best, -3.0e38)), axis=0)
-        tl.store(sum_ptr + slot, mass)
+            tl.store(sum_ptr + slot, tl.sum(tl.exp(x - tl.maximum(best, -3.0e38)), axis=0))
         floor = _compact(list_ptr + slot * SLOTS, _pack(x, offs), x, _survivors(x, KMAX, GROUPS, BINS), SLOTS)
         tl.store(floor_ptr + slot, floor)
     else:  # greedy rows: the first maximum; the others: Gumbel-max, an exact categorical draw
@@ -253,7 +246,7 @@ def _row_kernel(logits_ptr, counts_ptr, mask_ptr, stride_l, stride_c, stride_m,
         # the row's max, and the best score a chunk left out of its list
         top_max, chunk_floor = tl.reduce((best, tl.load(floor_ptr + slots, mask=in_row, other=float("-inf"))), 0,
                                          _max_and_max)
-        z_full = tl.zeros([], tl.float32)  # rows with top-k stored a placeholder mass and never read z_full
+        z_full = tl.zeros([], tl.float32)  # rows with top-k store no mass and never read z_full
         if topk_on == 0:  # the softmax denominator of the whole row: each chunk's sum, rescaled to the row's max
             z_full = tl.sum(tl.load(sum_ptr + slots, mask=in_row, other=0.0) * tl.exp(best - top_max), axis=0)
         # the chunk lists, filtered again into one list of the row's best, top[row] (read back after a barrier)
