@@ -8,6 +8,7 @@ Results, with the commands that made them: docs/benchmarks.md.
     python -m ksbackend.bench attention                         # decode kernels at anchor and model shapes, fp8
     python -m ksbackend.bench kernels                           # add+RMSNorm, RoPE, SiLU*mul, the sampler
     python -m ksbackend.bench startup --model llama-3.1-8b      # first token, cold and in a second process
+    python -m ksbackend.bench startup --model llama-3.1-8b --cache traces   # one compile-cache mode only
     python -m ksbackend.bench agreement                         # greedy agreement, teacher-forced KL vs fp32
     python -m ksbackend.bench all
 
@@ -37,6 +38,8 @@ def main(argv=None):
                         help=f"generate: comma-separated subset of {','.join(generate.SYSTEMS)}")
     parser.add_argument("--out", help="also write the markdown tables here")
     parser.add_argument("--json", help="generate: also write every measurement as JSON here")
+    parser.add_argument("--cache", action="append", choices=startup.MODES,
+                        help="startup: what the compile cache holds (repeatable; default both)")
     parser.add_argument("--png", default="docs/overhead.png", help="overhead: where the picture goes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -49,7 +52,7 @@ def main(argv=None):
     if "baseline" in chosen:
         generate.baseline_check(out)
     if "startup" in chosen:
-        startup.run(out, args.model or ["llama-3.2-1b"])
+        startup.run(out, args.model or ["llama-3.2-1b"], args.cache or startup.MODES)
     if "generate" in chosen:
         systems = [s for s in args.systems.split(",") if s]
         generate.run(bw, out, args.model or ["llama-3.2-1b"], args.batch or [1, 32], systems, args.json)

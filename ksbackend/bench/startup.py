@@ -45,10 +45,13 @@ def first_token(name, cache_dir, mode):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out, models=("llama-3.2-1b",)):
+MODES = ("artifacts", "traces")  # what the compile cache holds: Inductor's artifacts (the default), or the trace too
+
+
+def run(out, models=("llama-3.2-1b",), modes=MODES):
     rows = []
     for name in models:
-        for mode in ("artifacts", "traces"):
+        for mode in modes:
             with tempfile.TemporaryDirectory(prefix="ks-startup-") as cache_dir:
                 for label in ("cold (empty cache)", "second process"):
                     r = first_token(name, cache_dir, mode)
