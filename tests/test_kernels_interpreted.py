@@ -14,7 +14,7 @@ from ksbackend.ops.rope import rotate_half
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from ksbackend.kernels.sampler import _survivors  # noqa: E402
+from ksbackend.kernels.sampler import _divide, _survivors  # noqa: E402
 
 ks = torch.ops.kernelstack
 CPU_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -548,6 +548,32 @@ def test_candidate_filter_keeps_every_token_of_the_top_kmax(case):
     assert not kept[~finite].any()
     if case in ("gaussian", "far_outlier", "near_outlier"):
         assert int(kept.sum()) <= 64
+
+
+@triton.jit
+def _divide_kernel(x_ptr, d_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + tl.program_id(0) * N + offs, _divide(tl.load(x_ptr + offs), tl.load(d_ptr + tl.program_id(0))))
+
+
+def test_temperature_division_is_ieee_division():
+    """The sampler's reciprocal-and-corrections division gives torch's quotient bit for bit: random logits at every
+    scale, values next to powers of two, zeros, infinities, NaN, the temperatures people use, divisors whose
+    significand is all ones, and divisors out of the fast path's range (a plain division serves those)."""
+    dev = device_for_test()
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    n = 4096
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-30, 31, (n,), generator=g).float()
+    x[:64] = torch.ldexp(torch.ones(64), torch.arange(-90, 38, 2)) * (1 - 2.0**-24)  # just below powers of two
+    x[64:70] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.0e38])
+    all_ones = torch.tensor([2**24 - 1], dtype=torch.int32).float() * 2.0**-23  # 1.11...1 (binary)
+    d = torch.cat([torch.tensor([0.7, 0.1, 0.3, 1.0, 1.3, 2.0, 1e-3, 2.0**-40, 2.0**40]), all_ones, all_ones / 3,
+                   torch.rand(5, generator=g) * 4 + 1e-3])
+    out = torch.empty(len(d), n, device=dev)
+    _divide_kernel[(len(d),)](x.to(dev), d.to(dev), out, n)
+    expected = x[None] / d[:, None]
+    assert torch.equal(out.cpu().isnan(), expected.isnan())
+    assert torch.equal(out.cpu().nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32))
 
 
 def test_programmatic_dependent_launch_stays_off_where_it_cannot_run(monkeypatch):
