@@ -49,7 +49,7 @@ _ARTIFACT_KINDS = ("inductor", "autotune", "aot_autograd", "pgo", "precompile")
 _STALE_TEMP_SECONDS = 3600  # a temp file this old was left by a killed writer
 PRECOMPILED = "{}.dynamo"  # a PrecompiledFunction's compiled entries (Dynamo's code and guards, Inductor's graph)
 PRECOMPILE_LIMIT = 8  # entries (guard sets) per function, as Dynamo's own recompile limit
-_PRECOMPILE_FORMAT = 1
+_PRECOMPILE_FORMAT = 2  # 2: each entry stores the namespaces its trace read
 # What Dynamo records on a tensor that mark_dynamic / maybe_mark_dynamic marked. A serialized guard set loses
 # the compile-time markings (its tensors come back as plain meta tensors) and then rejects any marked tensor.
 _DIM_MARKINGS = ("_has_dynamo_dim_marking", "_dynamo_dynamic_indices", "_dynamo_weak_dynamic_indices",
@@ -58,9 +58,13 @@ _DIM_MARKINGS = ("_has_dynamo_dim_marking", "_dynamo_dynamic_indices", "_dynamo_
 
 # -- the key ------------------------------------------------------------------------------------------------
 def model_signature(model) -> dict:
-    """What of a model shapes its compiled graphs: its config, dtype and device (with the GPU's model)."""
+    """What of a model shapes its compiled graphs: its config, dtype and device (with the GPU's model), and its
+    module tree as code sees it (classes, methods, hooks: what a stored trace's guards no longer check)."""
+    from .traced_state import module_tree
+
     device = next(model.parameters()).device
-    signature = {"config": model.config.to_dict(), "dtype": str(model.dtype), "device": device.type}
+    signature = {"config": model.config.to_dict(), "dtype": str(model.dtype), "device": device.type,
+                 "module_tree": module_tree(model)}
     if device.type == "cuda":
         signature["gpu"] = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
     return signature
@@ -522,9 +526,10 @@ def _unstorable(fn, model) -> str | None:
 
 @dataclasses.dataclass
 class _Entry:
-    function: object  # torch._dynamo.aot_compile.AOTCompiledFunction
+    function: object  # torch._dynamo.aot_compile.AOTCompiledFunction; None: stored, but not for this process
     stored: dict  # what the file holds of it: serialized function, packed weight names, graph reports
     reports: list  # graph reports not yet recorded in this process (recorded when the entry first runs)
+    modules: list  # the Python modules its trace read (traced_state.traced_modules)
 
 
 class PrecompiledFunction:
@@ -541,6 +546,7 @@ class PrecompiledFunction:
         self.fallback = fallback if fallback is not None else torch.compile(fn, backend=backend)
         self._torchdynamo_orig_callable = fn  # as on torch.compile's wrapper (hf's labels read its code)
         self.entries: list[_Entry] = []
+        self.identities = None  # traced_state.Identities of the entries in use: a later patch turns them off here
         self.hub_wrapped = hub_kernel_wrapped(model)
         self.off = ("the compile cache is off" if not cache.stats.enabled
                     else precompile_unavailable() or _unstorable(fn, model))
@@ -553,19 +559,32 @@ class PrecompiledFunction:
         return self.cache.path / PRECOMPILED.format(self.name)
 
     def __call__(self, *args):
-        plain = tuple(map(_unmarked, args))
+        # the model as its user left it (outside the routing set aside below): has it changed since the traces?
+        changed = self.identities is not None and self.identities.changed()
+        if changed:  # plain torch.compile's full guards serve this process from here on (the file stays)
+            self.off = self.cache.stats.precompile_off = f"{self.name}: {changed}"
+            self.entries, self.identities = [], None
+            log.warning("kernelstack compile cache: %s; plain torch.compile serves %s in this process", self.off,
+                        self.name)
+        usable = sum(e.function is not None for e in self.entries)
         with _hub_kernel_wrappers_off(self.hub_wrapped):
-            if not self._loaded:
-                self._load()
-            for entry in self.entries:
-                if entry.function.guard_check(*plain):
-                    return self._run(entry, plain)
-            if self.off is None and len(self.entries) < self.limit:
-                entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
-                if entry is not None and entry.function.guard_check(*plain):
-                    return self._run(entry, plain)
-                if entry is not None:
-                    self._turn_off("a fresh entry's guards reject the call it was compiled for")
+            out = self._call(tuple(map(_unmarked, args)), args)
+        if usable != sum(e.function is not None for e in self.entries):  # loaded or compiled one just now
+            self._watch()
+        return out
+
+    def _call(self, plain, args):
+        if not self._loaded:
+            self._load()
+        for entry in self.entries:
+            if entry.function is not None and entry.function.guard_check(*plain):
+                return self._run(entry, plain)
+        if self.off is None and len(self.entries) < self.limit:
+            entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
+            if entry is not None and entry.function.guard_check(*plain):
+                return self._run(entry, plain)
+            if entry is not None:
+                self._turn_off("a fresh entry's guards reject the call it was compiled for")
         return self.fallback(*args)
 
     def _run(self, entry, args):
@@ -583,7 +602,8 @@ class PrecompiledFunction:
             stored = pickle.loads(_unpack(self.file.read_bytes()))
             if stored.get("format") != _PRECOMPILE_FORMAT:
                 raise ValueError(f"format {stored.get('format')!r}")
-            entries = [self._restore(item) for item in stored["entries"]]
+            entries = [self._restore(item) if self._same_code(item) else _Entry(None, item, [], [])
+                       for item in stored["entries"]]
             if stored.get("off"):  # what an earlier process could not store: not tried again
                 self.off = self.cache.stats.precompile_off = stored["off"]
         except FileNotFoundError:
@@ -593,10 +613,27 @@ class PrecompiledFunction:
             log.warning("kernelstack compile cache: %s", self.cache.stats.error)
             return
         self.entries = entries
+        if any(e.function is None for e in entries):
+            log.warning("kernelstack compile cache: %s holds %s traces of code that differs here (a patched function or"
+                        " class): not used", self.file, sum(e.function is None for e in entries))
         self.cache.stats.graphs_precompiled += sum(len(e.reports) for e in entries)
         self.cache.stats.precompile_seconds += time.perf_counter() - start
         log.info("kernelstack compile cache: loaded %d compiled %s function(s) from %s in %.2f s", len(entries),
                  self.name, self.file, time.perf_counter() - start)
+
+    @staticmethod
+    def _same_code(item: dict) -> bool:
+        """Whether the namespaces the entry's trace read hold the same code here (no patched function or class)."""
+        from .traced_state import namespaces
+
+        return namespaces(item["modules"]) == item["namespaces"]
+
+    def _watch(self) -> None:
+        """Watch, by identity, what the traces in use read beyond their guards (see ``traced_state``)."""
+        from .traced_state import Identities
+
+        modules = sorted({m for e in self.entries if e.function is not None for m in e.modules})
+        self.identities = Identities(modules, self.model) if modules else None
 
     def _restore(self, item: dict) -> _Entry:
         from torch._dynamo.aot_compile import AOTCompiledFunction
@@ -613,13 +650,14 @@ class PrecompiledFunction:
         reports = pickle.loads(item["reports"])
         for report in reports:
             report.executor += " (loaded whole from the compile cache, not traced)"
-        return _Entry(function, item, reports)
+        return _Entry(function, item, reports, item["modules"])
 
     # -- compiling ------------------------------------------------------------------------------------------
     def _compile(self, args):
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
         from .backend import observing_compiles
+        from .traced_state import namespaces, traced_modules
 
         observed = []
         try:
@@ -631,13 +669,15 @@ class PrecompiledFunction:
         except Exception as exc:  # noqa: BLE001 - e.g. a graph break: plain torch.compile serves it
             self._turn_off(f"aot_compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
             return None
-        entry = _Entry(function, {}, [])  # its graphs' reports are recorded already (the backend ran here)
+        modules = traced_modules(function, self.model)
+        entry = _Entry(function, {}, [], modules)  # its graphs' reports are recorded already (the backend ran here)
         self.cache.stats.graphs_compiled += len(observed)  # aot_compile bypasses Inductor's FX cache and its counts
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         try:
             packs = [[names[id(t)] for t in group] for _, groups in observed for group in groups]
             entry.stored = {"function": AOTCompiledFunction.serialize(function, {"model": self.model}).serialized_data,
-                            "packs": packs, "reports": pickle.dumps([report for report, _ in observed])}
+                            "packs": packs, "reports": pickle.dumps([report for report, _ in observed]),
+                            "modules": modules, "namespaces": namespaces(modules)}
         except Exception as exc:  # noqa: BLE001 - this process still runs it; later ones trace
             self.entries.append(entry)
             self._turn_off(f"not serializable: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")

@@ -498,6 +498,69 @@ def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path):
     assert second["tokens"] == first["tokens"]
 
 
+TRACED_CHANGED = """
+import json, sys, torch
+import ksbackend
+from transformers.models.llama import modeling_llama
+from ksbackend.models import build_model, left_pad, tiny_config
+
+change = sys.argv[1]
+model = build_model(tiny_config("llama"))
+ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]])
+greedy = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+original_rotate_half, original_mlp_forward = modeling_llama.rotate_half, modeling_llama.LlamaMLP.forward
+
+def rotate_half_the_other_way(x):  # what a kernel library's patch might get wrong: every rotated logit moves
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, -x1), dim=-1)
+
+def apply(change):
+    if change in ("rotate_half", "after"):
+        modeling_llama.rotate_half = rotate_half_the_other_way
+    if change == "hook":
+        model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 3)
+    if change == "class_forward":
+        modeling_llama.LlamaMLP.forward = lambda self, x: original_mlp_forward(self, x) * 3
+
+unchanged = model.generate(ids, **greedy).tolist()  # HF eager
+if change == "after":  # HF eager with the patch a later call will see, then the patch taken back
+    apply(change)
+    expected_after = model.generate(ids, **greedy).tolist()
+    modeling_llama.rotate_half = original_rotate_half
+else:
+    apply(change)
+expected = model.generate(ids, **greedy).tolist()
+ksbackend.optimize(model, trace_cache=True)
+out = model.generate(ids, **greedy).tolist()
+result = {"same": out == expected, "changes_hf": expected != unchanged,
+          "stats": vars(model._kernelstack_engine.compile_cache.stats)}
+if change == "after":  # patched after this process loaded (or compiled) the trace
+    apply(change)
+    result.update(same_after=model.generate(ids, **greedy).tolist() == expected_after,
+                  changes_hf=expected_after != unchanged, off=model._kernelstack_engine.compile_cache.stats.precompile_off)
+print(json.dumps(result, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_trace_cache_never_runs_a_stale_trace_after_a_patch_or_a_hook(tmp_path):
+    """What a stored trace's saved guards cannot check: a patched module function (as kernel libraries patch
+    ``rotate_half``), a hook, a patched class method. A process with any of them, or one that patches after loading,
+    generates HF eager's tokens for the model as it is, never the stored trace's."""
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    cold = fresh_process(TRACED_CHANGED.replace("sys.argv[1]", "'none'"), tmp_path)
+    assert cold["same"] and cold["stats"]["precompile_off"] is None
+    for change in ("rotate_half", "hook", "class_forward", "after"):
+        r = fresh_process(TRACED_CHANGED.replace("sys.argv[1]", repr(change)), tmp_path)
+        assert r["changes_hf"], f"{change}: the change must change HF's tokens for this test to mean anything"
+        assert r["same"], change
+        if change == "after":  # it loaded the stored trace, then served the patched call with full guards
+            assert r["stats"]["graphs_precompiled"] == 2 and r["same_after"] and "changed since the trace" in r["off"]
+        else:  # nothing stale was loaded
+            assert r["stats"]["graphs_precompiled"] == 0, change
+
+
 def test_trace_cache_needs_the_compile_cache():
     from ksbackend.config import OptionError, RuntimeOptions
 
