@@ -54,8 +54,12 @@ def tensor_parallel_group(model):
     return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
 
 
-def _local_rows(linear) -> int:
-    weight = linear.weight
+def _local_rows(linear) -> int | None:
+    """Output rows this rank computes; None for a projection with no plain weight (a quantized layer holds packed
+    ``qweight``s): transformers shards plain weights only, so such a model is not sharded there."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
     return (weight.to_local() if _is_dtensor(weight) else weight).shape[0]
 
 
@@ -68,7 +72,9 @@ def local_attention_heads(model) -> tuple[int, int]:
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
             size = getattr(module, "head_dim", None) or head_dim(cfg)
-            counts.add((_local_rows(module.q_proj) // size, _local_rows(module.k_proj) // size))
+            q_rows, k_rows = _local_rows(module.q_proj), _local_rows(module.k_proj)
+            if q_rows is not None and k_rows is not None:
+                counts.add((q_rows // size, k_rows // size))
     if not counts:
         return cfg.num_attention_heads, cfg.num_key_value_heads
     if len(counts) > 1:

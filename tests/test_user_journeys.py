@@ -175,6 +175,29 @@ def test_fp8_kv_scales_do_not_depend_on_what_ran_before():
     assert "fp8 KV scales from a fixed" in str(ksbackend.explain(first))
 
 
+class _PackedProjection(torch.nn.Module):
+    """A projection as quantized layers hold one (GPTQ's, AWQ's ``qweight``): no ``weight`` attribute."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.qweight = torch.nn.Parameter(linear.weight.detach().clone())
+        self.out_features = linear.out_features
+
+    def forward(self, x):
+        return x @ self.qweight.t()
+
+
+def test_projections_without_a_weight_run_and_match_hf():
+    model = build_model(tiny_config("llama"))
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj"):
+            setattr(layer.self_attn, name, _PackedProjection(getattr(layer.self_attn, name)))
+    ids, mask = ragged_batch([7, 4, 9])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = optimized_copy(model).generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
 def test_right_padding_warns_like_hf():
     model = build_model(tiny_config("llama"))
     ids, mask = ragged_batch([5, 3])
