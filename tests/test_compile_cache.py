@@ -536,8 +536,9 @@ result = {"same": out == expected, "changes_hf": expected != unchanged,
           "stats": vars(model._kernelstack_engine.compile_cache.stats)}
 if change == "after":  # patched after this process loaded (or compiled) the trace
     apply(change)
+    stats = model._kernelstack_engine.compile_cache.stats
     result.update(same_after=model.generate(ids, **greedy).tolist() == expected_after,
-                  changes_hf=expected_after != unchanged, off=model._kernelstack_engine.compile_cache.stats.precompile_off)
+                  changes_hf=expected_after != unchanged, off=stats.precompile_off)
 print(json.dumps(result, default=str))
 """
 
