@@ -108,13 +108,13 @@ def _classes(model) -> list:
 
 def module_tree(model) -> str:
     """Digest of the module tree as code sees it: paths and classes, methods, instance overrides, hooks."""
-    lines = [f"{path}:{type(m).__module__}.{type(m).__qualname__}" for path, m in
-             model.named_modules(remove_duplicate=False)]
+    lines = []
+    for path, m in model.named_modules(remove_duplicate=False):
+        lines.append(f"{path}:{type(m).__module__}.{type(m).__qualname__}")
+        lines += [f"{path}.{k}={describe(v)}" for k, v in sorted(_overrides(m).items())]
     for klass in _classes(model):
         lines += [f"{klass.__module__}.{klass.__qualname__}.{k}={describe(v)}" for k, v in
                   sorted(_methods(klass).items())]
-    for path, m in model.named_modules(remove_duplicate=False):
-        lines += [f"{path}.{k}={describe(v)}" for k, v in sorted(_overrides(m).items())]
     lines += [",".join(describe(h) for h in hooks.values()) for hooks in _hook_dicts(model)]
     return digest(lines)
 
@@ -174,10 +174,9 @@ class Identities:
                      for key, value in mapping.items() if _inlinable(key, value)]
         classes = [vars(klass) for klass in _classes(model)]
         self.held += [(mapping, key, value) for mapping in classes for key, value in mapping.items()]
-        for m in model.modules():  # the instance attributes that would shadow a method
+        for m in model.modules():  # the instance attributes that shadow a method, and forward's (if set later)
             own = vars(m)
-            self.held += [(own, key, value) for key, value in _overrides(m).items()]
-            self.held += [(own, "forward", own.get("forward"))]
+            self.held += [(own, key, value) for key, value in {"forward": None, **_overrides(m)}.items()]
         self.sized = [(mapping, len(mapping)) for mapping in classes + _hook_dicts(model)]
 
     def changed(self) -> str | None:

@@ -85,12 +85,12 @@ def _divide(x, d):
     if (d >= 2.0**-32) & (d <= 2.0**32):
         r = tl.math.div_rn(1.0, d)
         minus_d = -d  # negated once here, not per element
-        q = x * r
+        product = x * r
+        q = tl.fma(tl.fma(product, minus_d, x), r, product)
         q = tl.fma(tl.fma(q, minus_d, x), r, q)
-        q = tl.fma(tl.fma(q, minus_d, x), r, q)
-        # x * r is the IEEE answer where the corrections cannot serve: an infinite x or quotient (they leave NaN
-        # behind) and -0.0 (they give +0.0)
-        q = tl.where((q == q) & (x != 0.0), q, x * r)
+        # the product is the IEEE answer where the corrections cannot serve: an infinite x or quotient (they leave
+        # NaN behind) and -0.0 (they give +0.0)
+        q = tl.where((q == q) & (x != 0.0), q, product)
     else:
         q = tl.math.div_rn(x, d)
     return q
