@@ -262,9 +262,10 @@ def test_bench_compiles_each_system_once_for_all_batch_sizes(monkeypatch):
     for name in ("reset_peak_memory_stats", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
-    results = []
-    generate.run_model(1e12, [], results, "tiny", [1, 3], ["hf-eager", "kernelstack"])
+    results, spent = [], {}
+    generate.run_model(1e12, [], results, "tiny", [1, 3], ["hf-eager", "kernelstack"], spent)
     assert len(optimized) == 1
+    assert list(spent) == ["load models", "hf-eager", "kernelstack"] and min(spent.values()) > 0  # the run's total
     assert [r["batch"] for r in results] == [1, 3]
     assert [r["systems"]["kernelstack"]["same_tokens"] for r in results] == [1.0, 1.0]
     assert [r["systems"]["kernelstack"]["warm"] for r in results] == [False, True]  # the table says so

@@ -2,7 +2,9 @@
 bandwidth utilisation against the device-to-device copy bandwidth measured in the same run.
 Results, with the commands that made them: docs/benchmarks.md.
 
-    python -m ksbackend.bench generate                          # Llama-3.2-1B, batch 1 and 32, all systems
+    python -m ksbackend.bench generate                          # Llama-3.2-1B, batch 1 and 32, the six systems
+    python -m ksbackend.bench generate --model all              # the whole benchmark: every model below
+    python -m ksbackend.bench generate --systems kernelstack,xqa-decode   # a developer's A/B (--systems all)
     python -m ksbackend.bench generate --model llama-3.1-8b --model /path/to/checkpoint --batch 1 --batch 64
     python -m ksbackend.bench overhead --png docs/overhead.png   # decode step split, batch 1..256
     python -m ksbackend.bench attention                         # decode kernels at anchor and model shapes, fp8
@@ -32,10 +34,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ksbackend.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("all",) + SECTIONS)
-    parser.add_argument("--model", action="append", help="generate: a model name or checkpoint path (repeatable)")
+    parser.add_argument("--model", action="append",
+                        help="a model name or checkpoint path (repeatable); generate: all = "
+                             + ", ".join(generate.MODELS))
     parser.add_argument("--batch", type=int, action="append", help="generate: batch sizes (repeatable; default 1, 32)")
-    parser.add_argument("--systems", default=",".join(generate.SYSTEMS),
-                        help=f"generate: comma-separated subset of {','.join(generate.SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(generate.DEFAULT_SYSTEMS),
+                        help=f"generate: comma-separated, from {','.join(generate.SYSTEMS)}, or all "
+                             f"(default: {','.join(generate.DEFAULT_SYSTEMS)})")
     parser.add_argument("--out", help="also write the markdown tables here")
     parser.add_argument("--json", help="generate: also write every measurement as JSON here")
     parser.add_argument("--cache", action="append", choices=startup.MODES,
@@ -54,8 +59,12 @@ def main(argv=None):
     if "startup" in chosen:
         startup.run(out, args.model or ["llama-3.2-1b"], args.cache or startup.MODES)
     if "generate" in chosen:
-        systems = [s for s in args.systems.split(",") if s]
-        generate.run(bw, out, args.model or ["llama-3.2-1b"], args.batch or [1, 32], systems, args.json)
+        systems = generate.SYSTEMS if args.systems == "all" else [s for s in args.systems.split(",") if s]
+        unknown = set(systems) - set(generate.SYSTEMS)
+        if unknown:
+            parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(generate.SYSTEMS)} or all")
+        models = [m for name in args.model or ["llama-3.2-1b"] for m in (generate.MODELS if name == "all" else [name])]
+        generate.run(bw, out, models, args.batch or [1, 32], systems, args.json)
     if "overhead" in chosen:
         overhead.run(bw, out, png=args.png)
     if "attention" in chosen:

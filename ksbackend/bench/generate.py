@@ -18,9 +18,12 @@ import torch
 from .common import table, wall
 
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
-SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "kernelstack-sampling", "no-graphs", "no-fused-kernels",
-           "no-flashinfer", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl", "gemv-prologue",
-           "torch-step")
+# The issue's side-by-side: HF's two ways, kernelstack, and kernelstack with one layer off at a time. The rest are
+# developers' A/Bs of one choice each (``--systems all`` or by name).
+DEFAULT_SYSTEMS = ("hf-eager", "hf-static", "kernelstack", "no-graphs", "no-fused-kernels", "no-flashinfer")
+SYSTEMS = DEFAULT_SYSTEMS + ("kernelstack-sampling", "triton-decode", "xqa-decode", "cublas-gemm", "no-pdl",
+                             "gemv-prologue", "torch-step")
+MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "llama-135m")  # ``--model all``
 SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 VARIANTS = {"kernelstack": {}, "kernelstack-sampling": {}, "no-graphs": {"cuda_graphs": False},
             "no-fused-kernels": {"backend_options": {"disable_passes": ["rope_cos_sin", "rope", "rms_norm",
@@ -140,12 +143,16 @@ def _by_name(kernels, replays):
     return dict(sorted(totals.items(), key=lambda kv: -kv[1][1]))
 
 
-def run_model(bw, out, results, name, batches, systems):
+def run_model(bw, out, results, name, batches, systems, spent=None):
     """Every system over every batch. Systems are the outer loop: each compiles (and captures) once for all the
-    batches instead of once per batch, which is most of a cold run's time."""
+    batches instead of once per batch, which is most of a cold run's time. ``spent`` adds up the seconds per system
+    (and the model loads), so a run's total says where it went."""
     import ksbackend
 
+    spent = {} if spent is None else spent
+    started = time.perf_counter()
     model = load(name)
+    spent["load models"] = spent.get("load models", 0.0) + time.perf_counter() - started
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     scenarios = []
     for batch in batches:
@@ -159,6 +166,7 @@ def run_model(bw, out, results, name, batches, systems):
         extra = dict(cache_implementation="static") if system == "hf-static" else {}
         if system == "kernelstack-sampling":
             extra = SAMPLING
+        started = time.perf_counter()
         with _configured(model, system):
             for index, sc in enumerate(scenarios):
                 label, measured = sc["label"], sc["row"]["systems"]
@@ -188,6 +196,7 @@ def run_model(bw, out, results, name, batches, systems):
                     print(m["report"], flush=True)
                 measured[system] = m
                 print(f"{name} {label} {system}: {_summary(m)}", flush=True)
+        spent[system] = spent.get(system, 0.0) + time.perf_counter() - started
     results.extend(sc["row"] for sc in scenarios)
     del model
     gc.collect()
@@ -313,13 +322,15 @@ def baseline_check(out, name="llama-3.2-1b"):
 
 
 def run(bw, out, models, batches, systems, json_path=None):
-    results = []
+    results, spent = [], {}
     start = time.perf_counter()
     for name in models:
-        run_model(bw, out, results, name, batches, systems)
+        run_model(bw, out, results, name, batches, systems, spent)
     tables(bw, out, results)
     out.append(f"\nGenerate section: {time.perf_counter() - start:.0f} s for {len(models)} models x {len(batches)} "
-               f"batch sizes x {len(systems)} systems.")
+               f"batch sizes x {len(systems)} systems. By system (compiles, captures and timed calls): "
+               + ", ".join(f"{key} {seconds:.0f} s" for key, seconds in spent.items()) + ".")
+    print(out[-1], flush=True)
     if json_path:
         import json
 
