@@ -323,3 +323,43 @@ def test_teacher_forced_accuracy_is_within_hf_bf16s_own(weights):
     assert hf.decisive_positions >= hf.positions // 4
     assert ks.decisive_top1 >= hf.decisive_top1 - 0.02
     assert ks.top1 >= hf.top1 - 0.04  # near-ties too, with room for their coin flips
+
+
+CACHED_GENERATE_CUDA = """
+import dataclasses, json, sys, time, torch
+import ksbackend
+from ksbackend.models import build_model, left_pad, real_config
+
+family, mode = sys.argv[1:3]
+name = {"llama": "llama-3.2-1b", "qwen3": "qwen3-8b"}[family]
+model = build_model(real_config(name, num_hidden_layers=4), dtype=torch.bfloat16, device="cuda")
+ksbackend.optimize(model, trace_cache=mode == "traces")
+gen = torch.Generator().manual_seed(0)
+ids, mask = left_pad([torch.randint(3, 30000, (n,), generator=gen) for n in (37, 5, 120)], device="cuda")
+torch.cuda.synchronize()
+start = time.perf_counter()
+out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+torch.cuda.synchronize()
+print(json.dumps({"seconds": time.perf_counter() - start, "tokens": out.tolist(),
+                  "stats": dataclasses.asdict(model._kernelstack_engine.compile_cache.stats)}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["artifacts", "traces"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_second_process_on_the_gpu_loads_the_compile_and_generates_the_same_tokens(tmp_path, family, mode):
+    """The compile cache on the GPU, in both of its modes: the second process compiles nothing (the default mode
+    takes both graphs from Inductor's artifacts; ``trace_cache`` loads them whole) and generates the first's tokens
+    bit for bit (the same kernels, the GEMM choices the first measured)."""
+    from tests.test_compile_cache import fresh_process
+
+    script = CACHED_GENERATE_CUDA.replace("sys.argv[1:3]", repr([family, mode]))
+    first, second = fresh_process(script, tmp_path), fresh_process(script, tmp_path)
+    print(f"{family} {mode}: first generate {first['seconds']:.1f} s cold, {second['seconds']:.1f} s in the second "
+          f"process; {second['stats']}")
+    assert first["stats"]["graphs_compiled"] == 2 and second["stats"]["graphs_compiled"] == 0
+    if mode == "traces":
+        assert second["stats"]["graphs_precompiled"] == 2
+    else:
+        assert second["stats"]["hit"] and second["stats"]["graphs_from_cache"] == 2
+    assert second["tokens"] == first["tokens"]
