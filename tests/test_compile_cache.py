@@ -446,8 +446,9 @@ print(json.dumps({"stats": dataclasses.asdict(cache.stats), "sums": sums, "entri
 def fresh_process(script, tmp):
     """Run ``script`` in a new interpreter with its caches under ``tmp`` (the same ones on every call); the JSON
     it printed last."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # (where FlashInfer may live)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), KERNELSTACK_CACHE_DIR=str(tmp / "ks"),
-               KERNELSTACK_PROGRESS="0", PYTHONPATH=str(ROOT))
+               KERNELSTACK_PROGRESS="0", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

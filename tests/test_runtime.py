@@ -55,3 +55,16 @@ def test_first_argmax_equals_argmax_with_ties_and_odd_vocabularies(vocab, device
     logits[2, [7, vocab // 2]] = 99  # tied maxima in two chunks: the first wins
     assert torch.equal(first_argmax(logits), logits.argmax(-1))
     assert first_argmax(logits)[2] == 7
+
+
+def test_a_missing_flashinfer_is_an_unsupported_attention_not_a_crash(monkeypatch):
+    """A CUDA install without FlashInfer still generates: the import failure becomes ``UnsupportedAttention``, which
+    ``optimize`` answers with the reference attention and a report line naming the package to install."""
+    import sys
+
+    from ksbackend.runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # what an absent package does to ``import flashinfer``
+    pool = KVPool(2, 2, 64, 8, 16, torch.bfloat16, "cpu")
+    with pytest.raises(UnsupportedAttention, match="pip install flashinfer-python"):
+        FlashInferAttention(pool, 4, torch.bfloat16, 0.125, -1)

@@ -47,7 +47,10 @@ class FlashInferAttention:
             raise UnsupportedAttention(f"head size {pool.head_dim} (FlashInfer path supports {SUPPORTED_HEAD_DIMS})")
         if q_dtype not in SUPPORTED_DTYPES:
             raise UnsupportedAttention(f"activation dtype {q_dtype} (FlashInfer path supports bf16 and fp16)")
-        import flashinfer  # CUDA only: imported when a CUDA model is optimized
+        try:
+            import flashinfer  # CUDA only: imported when a CUDA model is optimized
+        except ImportError as exc:  # a CUDA install without it still generates, on the reference path
+            raise UnsupportedAttention(f"FlashInfer is not importable ({exc}; pip install flashinfer-python)") from exc
 
         self.flashinfer = flashinfer
         self.pool, self.num_qo_heads, self.q_dtype = pool, num_qo_heads, q_dtype
