@@ -27,6 +27,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,7 @@ def restore(model):
     if engine is not None:
         del model.generate
         engine._runtime = None
+        _free_dropped_runtimes(next(model.parameters()).device)  # the runner's graphs hold it in cycles
     return model
 
 
@@ -434,9 +436,25 @@ class _GrammarConstraint:
 
 
 # -- building the runtime -------------------------------------------------------------------------------
+# Every runner built in this process, alive or dropped but not yet collected (see _free_dropped_runtimes).
+_RUNNERS = weakref.WeakSet()
+
+
+def _free_dropped_runtimes(device):
+    """A dropped optimized model is a reference cycle (model -> engine -> runner -> compiled forwards -> model), so
+    only a full collection frees its KV pool and graphs, and one may not come for a long while. A pool sized from
+    free memory before that would get half of what the dead one left, and the next would run out: collect first,
+    and hand the freed blocks back to the driver, whose free memory the pool is sized from."""
+    if _RUNNERS:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: CompileCache):
     cfg = model.config
     device = next(model.parameters()).device
+    _free_dropped_runtimes(device)
     head_size = head_dim(cfg)
     kv_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8_e4m3" else model.dtype
     q_heads, kv_heads = local_attention_heads(model)  # this rank's share when transformers sharded the model
@@ -495,6 +513,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
                          model_scope=lambda: _AttentionImplementation(model, ATTN_IMPLEMENTATION))
     if capacity < opts.max_batch_size:
         recorder.event(f"decode batch capped at the largest CUDA-graph bucket, {capacity}: larger batches run in waves")
+    _RUNNERS.add(runner)
     return runner, Scheduler(runner, capacity, opts.max_prefill_tokens, RESERVE_TOKENS)
 
 

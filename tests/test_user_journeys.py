@@ -354,3 +354,31 @@ def test_a_fallback_generate_beside_a_fast_one_on_one_model_in_two_threads():
     assert not errors, errors
     for name, outs in results.items():
         assert len(outs) == 6 and all(torch.equal(out, expected[name]) for out in outs), name
+
+
+def test_a_dropped_model_frees_its_kv_pool_before_the_next_model_sizes_its_own():
+    """A notebook that optimizes a model, drops it and optimizes another: the dropped one is a reference cycle
+    (model, engine, compiled forwards), so without a collection its KV pool and graphs would stay allocated, and on a
+    GPU the next pool, sized from free memory, would get half of what they left (the GPU suite ran out of memory
+    that way, three tests in). Automatic collection is off here, so only kernelstack's own collection can free it."""
+    import gc
+    import weakref
+
+    ids, mask = ragged_batch([5, 3])
+    greedy = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    gc.collect()
+    gc.disable()
+    try:
+        first = ksbackend.optimize(build_model(tiny_config("llama")))
+        first.generate(ids, **greedy)
+        pool = weakref.ref(first._kernelstack_engine.runner.pool)
+        del first
+        assert pool() is not None  # the cycle keeps it: nothing but a collection frees it
+        second = ksbackend.optimize(build_model(tiny_config("qwen3")))
+        out = second.generate(ids, **greedy)
+        assert pool() is None and out.shape == (2, ids.shape[1] + 3)
+        kept = weakref.ref(second._kernelstack_engine.runner.pool)
+        ksbackend.restore(second)  # and restore frees a runtime at once
+        assert kept() is None
+    finally:
+        gc.enable()

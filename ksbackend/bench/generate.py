@@ -222,8 +222,7 @@ def _configured(model, system):
         yield
     finally:
         if optimized:
-            ksbackend.restore(model)
-            gc.collect()
+            ksbackend.restore(model)  # (frees the runtime's KV pool and graphs at once)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
