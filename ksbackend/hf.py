@@ -122,7 +122,7 @@ def restore(model):
     if engine is not None:
         del model.generate
         engine._runtime = None
-        _free_dropped_runtimes(next(model.parameters()).device)  # the runner's graphs hold it in cycles
+        _free_dropped_runtimes()  # the runner's graphs hold it in cycles
     return model
 
 
@@ -440,21 +440,26 @@ class _GrammarConstraint:
 _RUNNERS = weakref.WeakSet()
 
 
-def _free_dropped_runtimes(device):
+def _free_dropped_runtimes():
     """A dropped optimized model is a reference cycle (model -> engine -> runner -> compiled forwards -> model), so
     only a full collection frees its KV pool and graphs, and one may not come for a long while. A pool sized from
-    free memory before that would get half of what the dead one left, and the next would run out: collect first,
-    and hand the freed blocks back to the driver, whose free memory the pool is sized from."""
+    free memory before that would get half of what the dead one left, and the next would run out: collect first.
+    (The freed blocks stay in PyTorch's cache, which ``_free_device_memory`` counts; emptying it here could free
+    memory under another thread's graph capture.)"""
     if _RUNNERS:
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+
+def _free_device_memory(device) -> int:
+    """Bytes a new allocation can get: the driver's free memory plus the blocks PyTorch holds unused."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
 
 
 def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: CompileCache):
     cfg = model.config
     device = next(model.parameters()).device
-    _free_dropped_runtimes(device)
+    _free_dropped_runtimes()
     head_size = head_dim(cfg)
     kv_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8_e4m3" else model.dtype
     q_heads, kv_heads = local_attention_heads(model)  # this rank's share when transformers sharded the model
@@ -462,7 +467,7 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
     if opts.max_kv_tokens:
         tokens = opts.max_kv_tokens
     elif device.type == "cuda":
-        tokens = max(opts.page_size, int(torch.cuda.mem_get_info(device)[0] * opts.kv_memory_fraction) // per_token)
+        tokens = max(opts.page_size, int(_free_device_memory(device) * opts.kv_memory_fraction) // per_token)
     else:
         tokens = CPU_INITIAL_KV_TOKENS
     tokens = agree_on_min(tokens, model)  # one pool size on every rank: the same schedule, the same collectives
