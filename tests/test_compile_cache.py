@@ -246,13 +246,16 @@ def test_progress_is_quiet_off_a_tty_unless_asked(monkeypatch, capsys):
 
 
 # -- across processes ---------------------------------------------------------------------------------------
+# One layer: what these processes check (a second process reuses the compile, an edited pass does not) does not
+# depend on depth, and each layer costs every fresh process Dynamo and Inductor time. (The trace-cache scripts below
+# keep two: with one, the patched rotate_half no longer changes HF's greedy tokens for these prompts.)
 FIRST_GENERATE = """
 import dataclasses, json
 import ksbackend
 from ksbackend.compile_cache import CompileCache
 from ksbackend.models import build_model, left_pad, tiny_config
 
-model = ksbackend.optimize(build_model(tiny_config("llama")))
+model = ksbackend.optimize(build_model(tiny_config("llama", num_hidden_layers=1)))
 cache = CompileCache.for_model(model, dataclasses.asdict(model._kernelstack_engine.opts))
 ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]])
 with cache:
@@ -486,13 +489,31 @@ print(json.dumps({"stats": dataclasses.asdict(model._kernelstack_engine.compile_
 """
 
 
-@pytest.mark.slow
-def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path):
-    """``optimize(model, trace_cache=True)`` end to end: the second process loads prefill and decode whole, compiles
-    nothing, says so in the explain report, and generates the same tokens."""
+@pytest.fixture(scope="module")
+def traced_cold(tmp_path_factory):
+    """The cold process both trace-cache tests start from (HF eager's tokens, then ``optimize(model,
+    trace_cache=True)``, which traces prefill and decode and stores them); each test runs its later processes on a
+    copy of these caches, so neither sees what the other's processes stored."""
     if compile_cache.precompile_unavailable():
         pytest.skip(compile_cache.precompile_unavailable())
-    first, second = fresh_process(TRACED_GENERATE, tmp_path), fresh_process(TRACED_GENERATE, tmp_path)
+    tmp = tmp_path_factory.mktemp("traced_cold")
+    return tmp, fresh_process(TRACED_CHANGED.replace("sys.argv[1]", "'none'"), tmp)
+
+
+def from_cold(traced_cold, tmp_path):
+    """A copy of the cold process's caches (Inductor's and kernelstack's) in ``tmp_path``; its result."""
+    cold_tmp, cold = traced_cold
+    shutil.copytree(cold_tmp, tmp_path, dirs_exist_ok=True)
+    return cold
+
+
+@pytest.mark.slow
+def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path, traced_cold):
+    """``optimize(model, trace_cache=True)`` end to end: the second process loads prefill and decode whole, compiles
+    nothing, says so in the explain report, and generates the same tokens."""
+    first = from_cold(traced_cold, tmp_path)
+    second = fresh_process(TRACED_GENERATE, tmp_path)
+    assert first["same"] and first["stats"]["graphs_compiled"] == 2
     assert first["stats"]["graphs_precompiled"] == 0 and first["stats"]["precompile_off"] is None
     assert second["stats"]["graphs_precompiled"] == 2 and second["stats"]["graphs_compiled"] == 0
     assert "loaded whole from the compile cache" in second["report"]
@@ -533,7 +554,7 @@ else:
 expected = model.generate(ids, **greedy).tolist()
 ksbackend.optimize(model, trace_cache=True)
 out = model.generate(ids, **greedy).tolist()
-result = {"same": out == expected, "changes_hf": expected != unchanged,
+result = {"same": out == expected, "changes_hf": expected != unchanged, "tokens": out,
           "stats": vars(model._kernelstack_engine.compile_cache.stats)}
 if change == "after":  # patched after this process loaded (or compiled) the trace
     apply(change)
@@ -545,13 +566,11 @@ print(json.dumps(result, default=str))
 
 
 @pytest.mark.slow
-def test_trace_cache_never_runs_a_stale_trace_after_a_patch_or_a_hook(tmp_path):
+def test_trace_cache_never_runs_a_stale_trace_after_a_patch_or_a_hook(tmp_path, traced_cold):
     """What a stored trace's saved guards cannot check: a patched module function (as kernel libraries patch
     ``rotate_half``), a hook, a patched class method. A process with any of them, or one that patches after loading,
     generates HF eager's tokens for the model as it is, never the stored trace's."""
-    if compile_cache.precompile_unavailable():
-        pytest.skip(compile_cache.precompile_unavailable())
-    cold = fresh_process(TRACED_CHANGED.replace("sys.argv[1]", "'none'"), tmp_path)
+    cold = from_cold(traced_cold, tmp_path)
     assert cold["same"] and cold["stats"]["precompile_off"] is None
     for change in ("rotate_half", "hook", "class_forward", "after"):
         r = fresh_process(TRACED_CHANGED.replace("sys.argv[1]", repr(change)), tmp_path)
