@@ -143,13 +143,12 @@ def _by_name(kernels, replays):
     return dict(sorted(totals.items(), key=lambda kv: -kv[1][1]))
 
 
-def run_model(bw, out, results, name, batches, systems, spent=None):
+def run_model(bw, out, results, name, batches, systems, spent):
     """Every system over every batch. Systems are the outer loop: each compiles (and captures) once for all the
     batches instead of once per batch, which is most of a cold run's time. ``spent`` adds up the seconds per system
     (and the model loads), so a run's total says where it went."""
     import ksbackend
 
-    spent = {} if spent is None else spent
     started = time.perf_counter()
     model = load(name)
     spent["load models"] = spent.get("load models", 0.0) + time.perf_counter() - started
