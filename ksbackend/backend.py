@@ -77,6 +77,13 @@ def add_loaded_graph(report: GraphReport) -> None:
         recorder.add_graph(report)
 
 
+def forget_graphs(reports) -> None:
+    """Take back graphs whose compile was thrown away (a failed attempt to store them, compiled again after)."""
+    for recorder in _recorders():
+        if isinstance(recorder, Recorder):  # (not a progress bar's counter)
+            recorder.forget_graphs(reports)
+
+
 def select_passes(opts: BackendOptions):
     chosen = []
     for graph_pass in passes.DEFAULT_PASSES:

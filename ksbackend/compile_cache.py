@@ -15,7 +15,7 @@ guards and its Inductor code, serializable) and stores that in the entry as ``<n
 loads it, checks its guards on each call and runs it, tracing nothing. A call its guards reject compiles (and
 stores) one more; whatever the API cannot serve falls back to plain ``torch.compile``.
 
-    cache = CompileCache.for_model(model, dataclasses.asdict(opts))
+    cache = CompileCache.for_model(model, opts.graph_options())
     prefill = PrecompiledFunction(forward_prefill, backend, cache, "prefill", model)
     with cache, progress(2, "kernelstack: compiling") as bar:
         ...  # the first generate: prefill and decode are loaded (or compiled) here
@@ -539,9 +539,11 @@ class PrecompiledFunction:
     guard set, later ones load them and trace nothing. ``model`` is ``fn``'s one closure module (stored by
     reference, given back on load). Anything the ahead-of-time API refuses (a graph break, a backend result it
     cannot serialize, a guard it cannot save) runs ``fallback`` (plain ``torch.compile``) from then on, and
-    the entry records that so later processes do not try again."""
+    the entry records that so later processes do not try again; ``unstorable``, a reason known up front, skips
+    the attempt (it would compile every graph twice)."""
 
-    def __init__(self, fn, backend, cache: CompileCache, name: str, model, fallback=None, limit=PRECOMPILE_LIMIT):
+    def __init__(self, fn, backend, cache: CompileCache, name: str, model, fallback=None, limit=PRECOMPILE_LIMIT,
+                 unstorable: str | None = None):
         self.fn, self.backend, self.cache, self.name, self.model, self.limit = fn, backend, cache, name, model, limit
         self.fallback = fallback if fallback is not None else torch.compile(fn, backend=backend)
         self._torchdynamo_orig_callable = fn  # as on torch.compile's wrapper (hf's labels read its code)
@@ -549,7 +551,7 @@ class PrecompiledFunction:
         self.identities = None  # traced_state.Identities of the entries in use: a later patch turns them off here
         self.hub_wrapped = hub_kernel_wrapped(model)
         self.off = ("the compile cache is off" if not cache.stats.enabled
-                    else precompile_unavailable() or _unstorable(fn, model))
+                    else unstorable or precompile_unavailable() or _unstorable(fn, model))
         if cache.stats.enabled and self.off:
             cache.stats.precompile_off = self.off
         self._loaded = self.off is not None
@@ -567,25 +569,30 @@ class PrecompiledFunction:
             log.warning("kernelstack compile cache: %s; plain torch.compile serves %s in this process", self.off,
                         self.name)
         usable = sum(e.function is not None for e in self.entries)
+        plain = tuple(map(_unmarked, args))
         with _hub_kernel_wrappers_off(self.hub_wrapped):
-            out = self._call(tuple(map(_unmarked, args)), args)
+            entry = self._entry_for(plain, args)
+            out = None if entry is None else self._run(entry, plain)
         if usable != sum(e.function is not None for e in self.entries):  # loaded or compiled one just now
             self._watch()
-        return out
+        # plain torch.compile meets the model as its user left it: under the wrappers set aside above, each call
+        # would hand its guards new forward objects, and every call would compile again
+        return self.fallback(*args) if entry is None else out
 
-    def _call(self, plain, args):
+    def _entry_for(self, plain, args):
+        """The stored entry whose guards accept the call (loaded, or compiled and stored now), or None."""
         if not self._loaded:
             self._load()
         for entry in self.entries:
             if entry.function is not None and entry.function.guard_check(*plain):
-                return self._run(entry, plain)
+                return entry
         if self.off is None and len(self.entries) < self.limit:
             entry = self._compile(args)  # with the marks: they make those dimensions dynamic in the new entry
             if entry is not None and entry.function.guard_check(*plain):
-                return self._run(entry, plain)
+                return entry
             if entry is not None:
                 self._turn_off("a fresh entry's guards reject the call it was compiled for")
-        return self.fallback(*args)
+        return None
 
     def _run(self, entry, args):
         from .backend import add_loaded_graph
@@ -656,7 +663,7 @@ class PrecompiledFunction:
     def _compile(self, args):
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
-        from .backend import observing_compiles
+        from .backend import forget_graphs, observing_compiles
         from .traced_state import namespaces, traced_modules
 
         observed = []
@@ -667,6 +674,7 @@ class PrecompiledFunction:
                                          options={"guard_filter_fn": _serializable_guards})
                 function = compiled.aot_compile((args, {}))
         except Exception as exc:  # noqa: BLE001 - e.g. a graph break: plain torch.compile serves it
+            forget_graphs([report for report, _ in observed])  # the fallback compiles (and reports) them again
             self._turn_off(f"aot_compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
             return None
         modules = traced_modules(function, self.model)

@@ -101,9 +101,10 @@ class RuntimeOptions:
     decode_kernel: str = "auto"  # one of DECODE_KERNELS
     attention: str = "auto"  # "auto": FlashInfer on CUDA where it serves; "reference": the plain-torch paged path
     compile_cache: bool = True  # reuse compiled graphs across processes (~/.cache/kernelstack, $KERNELSTACK_CACHE_DIR)
-    # also store Dynamo's traces there, so a later process traces nothing (experimental: torch's private
-    # ahead-of-time API; compile_cache.PrecompiledFunction); needs compile_cache
-    trace_cache: bool = False
+    # the compile cache also holds Dynamo's traces, so a later process traces nothing (torch's ahead-of-time
+    # API, compile_cache.PrecompiledFunction; whatever it refuses runs plain torch.compile); False: Inductor's
+    # artifacts only, and Dynamo traces in every process. Nothing is stored with compile_cache=False
+    trace_cache: bool = True
     backend_options: dict = field(default_factory=dict)  # passed to the backend (see BackendOptions)
 
     @classmethod
@@ -111,6 +112,15 @@ class RuntimeOptions:
         opts = _from_mapping(cls, options)
         opts.validate()
         return opts
+
+    # What only the runtime around the compiled graphs reads (the pool's size, batching, CUDA-graph replay, the
+    # decode kernel the attention op dispatches to each step): a change in these reuses the compiled graphs.
+    RUNTIME_ONLY = ("max_kv_tokens", "kv_memory_fraction", "max_batch_size", "max_prefill_tokens", "decode_buckets",
+                    "cuda_graphs", "decode_kernel")
+
+    def graph_options(self) -> dict:
+        """The options the compile cache's key holds: those that can change what is compiled."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME_ONLY}
 
     def validate(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -122,8 +132,6 @@ class RuntimeOptions:
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8_e4m3"))
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
         _check_choice("attention", self.attention, ("auto", "reference"))
-        if self.trace_cache and not self.compile_cache:
-            raise OptionError("option trace_cache=True stores traces in the compile cache: it needs compile_cache=True")
         if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
             raise OptionError("options max_batch_size and max_prefill_tokens must be >= 1")
         if not self.decode_buckets or list(self.decode_buckets) != sorted(set(self.decode_buckets)) or self.decode_buckets[0] < 1:

@@ -19,7 +19,6 @@ runner over its own weights; concurrent ``generate`` calls on one model run one 
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import gc
 import logging
@@ -37,7 +36,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, logits_process, s
 
 from .backend import kernelstack_backend, recording_into
 from .compile_cache import CompileCache, PrecompiledFunction, progress
-from .config import RuntimeOptions
+from .config import BackendOptions, RuntimeOptions
 from .distributed import agree_on_min, local_attention_heads
 from .models import head_dim
 from .report import Recorder
@@ -145,7 +144,7 @@ class KernelstackGenerate:
     @property
     def runtime(self):
         if self._runtime is None:
-            self.compile_cache = CompileCache.for_model(self.model, dataclasses.asdict(self.opts),
+            self.compile_cache = CompileCache.for_model(self.model, self.opts.graph_options(),
                                                         enabled=self.opts.compile_cache)
             self._runtime = _build_runtime(self.model, self.opts, self.recorder, self.compile_cache)
         return self._runtime
@@ -507,10 +506,13 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
     capacity = min(opts.max_batch_size, max(opts.decode_buckets)) if graphs else opts.max_batch_size
     width = pool.pages_for(max(cfg.max_position_embeddings, opts.page_size))
 
+    unstorable = ("the FX executor's graphs cannot be stored (executor='fx')"
+                  if BackendOptions.from_options(opts.backend_options).executor == "fx" else None)
+
     def compiled(fn, path):
         traced = torch.compile(fn, backend=backend)
-        if opts.trace_cache:  # a later process loads the trace too (experimental; falls back to ``traced``)
-            traced = PrecompiledFunction(fn, backend, cache, path, model, fallback=traced)
+        if opts.trace_cache and opts.compile_cache:  # a later process loads the trace too (else ``traced``)
+            traced = PrecompiledFunction(fn, backend, cache, path, model, fallback=traced, unstorable=unstorable)
         return _labelled(traced, path, recorder)
 
     runner = ModelRunner(compiled(forward_prefill, "prefill"), compiled(forward_decode, "decode"),

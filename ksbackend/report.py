@@ -89,6 +89,12 @@ class Recorder:
     def add_graph(self, report: GraphReport):
         self.graphs.append(report)
 
+    def forget_graphs(self, reports) -> None:
+        """Drop these very reports (a compile thrown away), by identity: an equal report may be another graph's."""
+        kept = [g for g in self.graphs if all(g is not r for r in reports)]
+        self.graphs.clear()
+        self.graphs.extend(kept)
+
     def event(self, message: str, level=logging.INFO):
         self.events.append(message)
         log.log(level, "%s", message)

@@ -1,7 +1,6 @@
 """The compile cache: what invalidates its key, that a second process reuses the first one's compile (and that
 an edited pass does not), and that a broken or half-written entry is never used."""
 
-import dataclasses
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ksbackend
 import passes
 from ksbackend import compile_cache
 from ksbackend.compile_cache import (
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def key_for(config=None, dtype=torch.float32, **options):
     model = build_model(config or tiny_config("llama"), dtype=dtype)
-    return cache_key(model_signature(model), dataclasses.asdict(RuntimeOptions.from_options(options)))
+    return cache_key(model_signature(model), RuntimeOptions.from_options(options).graph_options())
 
 
 def fuse_nothing(gm, result):
@@ -70,8 +70,16 @@ def test_key_changes_when_a_pass_source_changes(monkeypatch):
 def test_key_changes_with_options():
     keys = {key_for(), key_for(page_size=32), key_for(backend_options={"disable_passes": ["rope"]}),
             key_for(backend_options={"extra_passes": [fuse_nothing]}),
-            key_for(backend_options={"extra_passes": [fuse_nothing_either]})}
-    assert len(keys) == 5
+            key_for(backend_options={"extra_passes": [fuse_nothing_either]}), key_for(trace_cache=False),
+            key_for(kv_cache_dtype="fp8_e4m3"), key_for(attention="reference")}
+    assert len(keys) == 8
+
+
+def test_options_only_the_runtime_reads_share_the_compiled_graphs():
+    """The pool's size, batching, CUDA-graph replay and the decode kernel change nothing that is compiled (the
+    attention op dispatches to the kernel each step), so a change in them reuses the entry."""
+    assert key_for(max_kv_tokens=4096, kv_memory_fraction=0.3, max_batch_size=8, max_prefill_tokens=512,
+                   decode_buckets=(1, 8), cuda_graphs=False, decode_kernel="triton") == key_for()
 
 
 def test_key_changes_with_the_gemv_prologue_switch(monkeypatch):
@@ -255,8 +263,8 @@ import ksbackend
 from ksbackend.compile_cache import CompileCache
 from ksbackend.models import build_model, left_pad, tiny_config
 
-model = ksbackend.optimize(build_model(tiny_config("llama", num_hidden_layers=1)))
-cache = CompileCache.for_model(model, dataclasses.asdict(model._kernelstack_engine.opts))
+model = ksbackend.optimize(build_model(tiny_config("llama", num_hidden_layers=1)), trace_cache=False)
+cache = CompileCache.for_model(model, model._kernelstack_engine.opts.graph_options())
 ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]])
 with cache:
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4)
@@ -265,7 +273,8 @@ print(json.dumps({"stats": dataclasses.asdict(cache.stats), "tokens": out.tolist
 
 
 def first_generate(tmp, inductor_dir, pythonpath=ROOT):
-    """A fresh process: optimize a tiny Llama and run its first generate inside the cache; its stats."""
+    """A fresh process: optimize a tiny Llama with the cache holding Inductor's artifacts only (Dynamo traces in
+    every process) and run its first generate inside the cache; its stats."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / inductor_dir), KERNELSTACK_CACHE_DIR=str(tmp / "ks"),
                KERNELSTACK_PROGRESS="0", PYTHONPATH=os.pathsep.join(map(str, [pythonpath, ROOT])))
     done = subprocess.run([sys.executable, "-c", FIRST_GENERATE], check=False, cwd=tmp, env=env, capture_output=True,
@@ -481,7 +490,7 @@ import dataclasses, json
 import ksbackend
 from ksbackend.models import build_model, left_pad, tiny_config
 
-model = ksbackend.optimize(build_model(tiny_config("llama")), trace_cache=True)
+model = ksbackend.optimize(build_model(tiny_config("llama")))  # the default: traces stored too
 ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]])
 out = model.generate(ids, attention_mask=mask, max_new_tokens=4)
 print(json.dumps({"stats": dataclasses.asdict(model._kernelstack_engine.compile_cache.stats), "tokens": out.tolist(),
@@ -491,8 +500,8 @@ print(json.dumps({"stats": dataclasses.asdict(model._kernelstack_engine.compile_
 
 @pytest.fixture(scope="module")
 def traced_cold(tmp_path_factory):
-    """The cold process both trace-cache tests start from (HF eager's tokens, then ``optimize(model,
-    trace_cache=True)``, which traces prefill and decode and stores them); each test runs its later processes on a
+    """The cold process both trace-cache tests start from (HF eager's tokens, then ``optimize(model)``, whose
+    compile cache stores the traces of prefill and decode by default); each test runs its later processes on a
     copy of these caches, so neither sees what the other's processes stored."""
     if compile_cache.precompile_unavailable():
         pytest.skip(compile_cache.precompile_unavailable())
@@ -509,7 +518,7 @@ def from_cold(traced_cold, tmp_path):
 
 @pytest.mark.slow
 def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path, traced_cold):
-    """``optimize(model, trace_cache=True)`` end to end: the second process loads prefill and decode whole, compiles
+    """``optimize(model)`` with its default trace cache, end to end: the second process loads prefill and decode whole, compiles
     nothing, says so in the explain report, and generates the same tokens."""
     first = from_cold(traced_cold, tmp_path)
     second = fresh_process(TRACED_GENERATE, tmp_path)
@@ -552,7 +561,7 @@ if change == "after":  # HF eager with the patch a later call will see, then the
 else:
     apply(change)
 expected = model.generate(ids, **greedy).tolist()
-ksbackend.optimize(model, trace_cache=True)
+ksbackend.optimize(model)
 out = model.generate(ids, **greedy).tolist()
 result = {"same": out == expected, "changes_hf": expected != unchanged, "tokens": out,
           "stats": vars(model._kernelstack_engine.compile_cache.stats)}
@@ -582,8 +591,15 @@ def test_trace_cache_never_runs_a_stale_trace_after_a_patch_or_a_hook(tmp_path, 
             assert r["stats"]["graphs_precompiled"] == 0, change
 
 
-def test_trace_cache_needs_the_compile_cache():
-    from ksbackend.config import OptionError, RuntimeOptions
+def test_the_compile_cache_off_stores_no_trace_and_no_entry(tmp_path, monkeypatch):
+    """``compile_cache=False`` turns the trace cache off with it (its default is on): no trace, no entry."""
+    from ksbackend.models import left_pad
 
-    with pytest.raises(OptionError, match="trace_cache"):
-        RuntimeOptions.from_options({"trace_cache": True, "compile_cache": False})
+    assert RuntimeOptions().trace_cache and not RuntimeOptions.from_options({"compile_cache": False}).compile_cache
+    monkeypatch.setenv("KERNELSTACK_CACHE_DIR", str(tmp_path))
+    model = build_model(tiny_config("llama", num_hidden_layers=1))
+    ids, mask = left_pad([torch.randint(3, 200, (n,)).tolist() for n in (6, 3)])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    ksbackend.optimize(model, compile_cache=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+    assert list(tmp_path.iterdir()) == [] and model._kernelstack_engine.compile_cache.stats.graphs_precompiled == 0

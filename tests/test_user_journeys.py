@@ -271,10 +271,12 @@ def test_bench_compiles_each_system_once_for_all_batch_sizes(monkeypatch):
     assert [r["systems"]["kernelstack"]["warm"] for r in results] == [False, True]  # the table says so
 
 
-def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeypatch, caplog):
+def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeypatch, caplog, tmp_path):
     """An Inductor error on a rewritten graph (seen on the H100: CantSplit with the fused-kernel passes off) must not
     reach the user: the graph runs as FX, tokens equal HF's, and the report and the log say why."""
     import torch._inductor.compile_fx as inductor
+
+    monkeypatch.setenv("KERNELSTACK_CACHE_DIR", str(tmp_path))  # an empty cache: the graphs compile here
 
     def broken(*args, **kwargs):
         raise RuntimeError("CantSplit: 2048 not divisible by 2048*s18")
@@ -284,12 +286,15 @@ def test_inductor_failure_falls_back_to_fx_with_the_reason_in_the_report(monkeyp
     ids, mask = ragged_batch([5, 8])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with caplog.at_level(logging.WARNING, logger="ksbackend"):
-        out = ksbackend.optimize(copy.deepcopy(model)).generate(ids, attention_mask=mask, max_new_tokens=6,
-                                                                do_sample=False, pad_token_id=0)
+        optimized = ksbackend.optimize(copy.deepcopy(model))
+        out = optimized.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
     report = str(ksbackend.explain())
     assert "executor fx (Inductor failed: RuntimeError: CantSplit" in report
     assert "running it as FX instead" in caplog.text
+    # the trace cache could not store an FX graph; its attempt's graphs are taken back, the fallback's reported
+    own = ksbackend.explain(optimized)
+    assert [g.purpose for g in own.graphs] == ["prefill", "decode"] and "tracing not cached" in str(own)
 
 
 def test_two_optimized_models_generating_in_two_threads_keep_their_own_steps():

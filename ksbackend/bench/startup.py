@@ -1,6 +1,6 @@
 """Time to the first token in a fresh process: cold (empty caches), then a second process with the same
-model and options (the cache the first one filled), for each way the compile cache can serve: Inductor's artifacts
-alone (the default: Dynamo traces in every process), and with ``trace_cache=True`` (Dynamo's trace stored too).
+model and options (the cache the first one filled), for each way the compile cache can serve: with Dynamo's traces
+stored too (the default), and Inductor's artifacts alone (``trace_cache=False``: Dynamo traces in every process).
 Each process loads the model, optimizes it and times its first ``generate`` of one new token at batch 1 (prefill
 only), then a call of 16 (the decode path's compile and capture); the explain report's compile-cache and CUDA-graph
 lines say where the time went."""
@@ -45,7 +45,7 @@ def first_token(name, cache_dir, mode):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MODES = ("artifacts", "traces")  # what the compile cache holds: Inductor's artifacts (the default), or the trace too
+MODES = ("traces", "artifacts")  # what the compile cache holds: the traces too (the default), or Inductor's artifacts
 
 
 def run(out, models=("llama-3.2-1b",), modes=MODES):
