@@ -382,6 +382,32 @@ def test_a_function_torch_cannot_store_runs_plain_torch_compile_and_is_not_retri
     assert torch.equal(fn(x), model(x)) and len(calls) == 3 and later.stats.precompile_off == cache.stats.precompile_off
 
 
+def test_plain_torch_compile_serving_a_model_with_hub_kernel_wrappers_compiles_once(tmp_path):
+    """transformers wraps attention modules for hub kernels, and a stored function runs with those wrappers set
+    aside. The fallback must not: each call would meet new forward objects, and Dynamo would compile every call."""
+    if compile_cache.precompile_unavailable():
+        pytest.skip(compile_cache.precompile_unavailable())
+    model = build_model(tiny_config("llama"))
+    assert compile_cache.hub_kernel_wrapped(model), "this transformers wraps no module: the test checks nothing"
+
+    def forward(ids):
+        return model(input_ids=ids).logits
+
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    cache = CompileCache("k", tmp_path)
+    fallback = torch.compile(forward, backend=counting_backend)
+    fn = PrecompiledFunction(forward, eager_backend, cache, "forward", model, fallback=fallback)
+    for _ in range(3):
+        ids = torch.randint(3, 200, (2, 7))
+        torch.testing.assert_close(fn(ids), forward(ids), rtol=0, atol=0)
+    assert "aot_compile failed" in cache.stats.precompile_off and len(compiles) == 1
+
+
 def test_an_unreadable_precompiled_entry_is_ignored(tmp_path, caplog):
     if compile_cache.precompile_unavailable():
         pytest.skip(compile_cache.precompile_unavailable())
