@@ -13,7 +13,10 @@ import time
 import torch
 
 import ksbackend
-from ksbackend.models import build_model, real_config, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import real_config
+from ksbackend.models import tiny_config
 
 
 def timed(fn):

@@ -9,7 +9,9 @@ import torch
 
 import ksbackend
 import passes
-from ksbackend.models import build_model, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 
 
 def count_rsqrt(gm, result):

@@ -10,7 +10,9 @@ import logging
 
 from . import ops  # noqa: F401  (registers torch.ops.kernelstack.*)
 from .backend import kernelstack_backend
-from .config import BackendOptions, OptionError, RuntimeOptions
+from .config import BackendOptions
+from .config import OptionError
+from .config import RuntimeOptions
 from .kernels import register_cuda_kernels
 from .report import GLOBAL as _GLOBAL_RECORDER
 from .report import ExplainReport
@@ -41,6 +43,7 @@ def reset() -> None:
 
 __all__ = ["kernelstack_backend", "explain", "reset", "BackendOptions", "RuntimeOptions", "OptionError", "ExplainReport"]
 
-from .hf import optimize, restore  # noqa: E402  (needs the backend defined above)
+from .hf import optimize  # noqa: E402  (needs the backend defined above)
+from .hf import restore  # noqa: E402  (needs the backend defined above)
 
 __all__ += ["optimize", "restore"]

@@ -61,7 +61,12 @@ def agreement_setup(family, weights, device, dtype=torch.bfloat16, prompts=32, s
 
     ``weights="random"``: random weights, random prompts of 8..199 tokens. ``weights="copy-task"``: the
     same model fitted to ``copy_task_sequences`` (see ``fit_copy_task``), prompts from that task."""
-    from .models import COPY_PERIOD, build_model, copy_task_sequences, fit_copy_task, left_pad, tiny_config
+    from .models import COPY_PERIOD
+    from .models import build_model
+    from .models import copy_task_sequences
+    from .models import fit_copy_task
+    from .models import left_pad
+    from .models import tiny_config
 
     config = tiny_config(family, **AGREEMENT_SHAPE)
     generator = torch.Generator().manual_seed(seed)

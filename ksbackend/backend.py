@@ -18,7 +18,9 @@ import passes  # the module, not its names: ``import passes`` first imports ksba
 from . import ops
 from .config import BackendOptions
 from .distributed import collective_ops
-from .report import GLOBAL, GraphReport, Recorder
+from .report import GLOBAL
+from .report import GraphReport
+from .report import Recorder
 
 log = logging.getLogger("ksbackend")
 

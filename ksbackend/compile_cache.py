@@ -34,9 +34,11 @@ import sys
 import tempfile
 import threading
 import time
+
 from pathlib import Path
 
 import torch
+
 from tqdm import tqdm
 
 log = logging.getLogger("ksbackend")
@@ -386,12 +388,8 @@ class CompileCache:
 
 # -- whole compiled functions ------------------------------------------------------------------------------
 try:  # torch 2.11 and 2.13 have the ahead-of-time API
-    from torch._dynamo.aot_compile_types import (
-        BundledAOTAutogradSerializableCallable as _Bundled,
-    )
-    from torch._dynamo.aot_compile_types import (
-        SerializableCallable as _SerializableCallable,
-    )
+    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable as _Bundled
+    from torch._dynamo.aot_compile_types import SerializableCallable as _SerializableCallable
 except ImportError:
     _Bundled = _SerializableCallable = None
 
@@ -663,8 +661,10 @@ class PrecompiledFunction:
     def _compile(self, args):
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
-        from .backend import forget_graphs, observing_compiles
-        from .traced_state import namespaces, traced_modules
+        from .backend import forget_graphs
+        from .backend import observing_compiles
+        from .traced_state import namespaces
+        from .traced_state import traced_modules
 
         observed = []
         try:

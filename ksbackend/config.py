@@ -6,7 +6,9 @@ range is an error that lists what is valid, so a typo never silently turns a fea
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass
+from dataclasses import field
 
 INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DECODE_KERNELS = ("auto", "tensor_cores", "cuda_cores", "xqa", "triton")  # see runtime/flashinfer_attention.py

@@ -27,22 +27,37 @@ import time
 import types
 import warnings
 import weakref
+
 from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation import GenerateDecoderOnlyOutput, logits_process, stopping_criteria
 
-from .backend import kernelstack_backend, recording_into
-from .compile_cache import CompileCache, PrecompiledFunction, progress
-from .config import BackendOptions, RuntimeOptions
-from .distributed import agree_on_min, local_attention_heads
+from transformers import GenerationMixin
+from transformers import LogitsProcessorList
+from transformers import StoppingCriteriaList
+from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.generation import logits_process
+from transformers.generation import stopping_criteria
+
+from .backend import kernelstack_backend
+from .backend import recording_into
+from .compile_cache import CompileCache
+from .compile_cache import PrecompiledFunction
+from .compile_cache import progress
+from .config import BackendOptions
+from .config import RuntimeOptions
+from .distributed import agree_on_min
+from .distributed import local_attention_heads
 from .models import head_dim
 from .report import Recorder
-from .runtime.kv_pool import FP8_MAX, KVPool, readable_bytes
-from .runtime.model_runner import ModelRunner, RowParams
-from .runtime.scheduler import Request, Scheduler
+from .runtime.kv_pool import FP8_MAX
+from .runtime.kv_pool import KVPool
+from .runtime.kv_pool import readable_bytes
+from .runtime.model_runner import ModelRunner
+from .runtime.model_runner import RowParams
+from .runtime.scheduler import Request
+from .runtime.scheduler import Scheduler
 
 log = logging.getLogger("ksbackend")
 hf_log = transformers.utils.logging.get_logger("transformers.generation.utils")
@@ -482,7 +497,9 @@ def _build_runtime(model, opts: RuntimeOptions, recorder: Recorder, cache: Compi
         _calibrate_fp8_scales(model, pool, recorder)
     attention = _device_attention(model, pool, opts, recorder)
     if device.type == "cuda":
-        from .kernels import gemv_prologue_enabled, pdl, step_kernels_enabled
+        from .kernels import gemv_prologue_enabled
+        from .kernels import pdl
+        from .kernels import step_kernels_enabled
 
         off = pdl.off_reason(device)
         recorder.event("Triton kernels: programmatic dependent launch " + (f"off: {off}" if off else
@@ -573,7 +590,8 @@ def _device_attention(model, pool, opts, recorder):
     if opts.attention == "reference":
         recorder.event(f"paged attention runs the plain-torch reference on {pool.device} (attention='reference')")
         return None
-    from .runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+    from .runtime.flashinfer_attention import FlashInferAttention
+    from .runtime.flashinfer_attention import UnsupportedAttention
 
     layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
     windows = {getattr(m, "sliding_window", None) for m in layers}

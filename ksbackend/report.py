@@ -7,7 +7,9 @@ plus runtime decisions (fallbacks, buckets, recompiles) recorded while generatin
 
 import collections
 import logging
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass
+from dataclasses import field
 
 log = logging.getLogger("ksbackend")
 

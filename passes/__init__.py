@@ -8,7 +8,9 @@ To experiment, write a ``GraphPass`` (or a plain function ``fn(gm, result)``) an
 
 from .activation import ActivationMulPass
 from .attention import AttentionPass
-from .base import FunctionPass, GraphPass, PassResult
+from .base import FunctionPass
+from .base import GraphPass
+from .base import PassResult
 from .linear_prologue import LinearProloguePass
 from .pipeline import run_passes
 from .projections import ProjectionFusionPass

@@ -8,7 +8,14 @@ import torch
 
 from ksbackend.ops import activation as _activation_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, dtype_of, erase_unused, is_op, other_operand, shape_of
+from .base import GraphPass
+from .base import arg
+from .base import describe
+from .base import dtype_of
+from .base import erase_unused
+from .base import is_op
+from .base import other_operand
+from .base import shape_of
 
 ks = torch.ops.kernelstack
 

@@ -9,7 +9,9 @@ Dynamo records the same operation in several spellings (``operator.mul``, ``torc
 import hashlib
 import inspect
 import operator
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import torch

@@ -18,7 +18,9 @@ import torch
 from ksbackend.kernels import gemv_prologue_enabled
 from ksbackend.ops import fused_linear as _fused_linear_ops  # noqa: F401  (registers the ops)
 
-from .base import GraphPass, describe, kernelstack_op
+from .base import GraphPass
+from .base import describe
+from .base import kernelstack_op
 from .projections import PACK_META
 
 ks = torch.ops.kernelstack

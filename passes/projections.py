@@ -9,6 +9,7 @@ cuBLAS against Triton GEMVs per decode shape and keeps the winner, which Inducto
 """
 
 import operator
+
 from collections import defaultdict
 
 import torch
@@ -16,7 +17,11 @@ import torch.nn.functional as F
 
 from ksbackend.ops import linear as _linear_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, dtype_of, shape_of
+from .base import GraphPass
+from .base import arg
+from .base import describe
+from .base import dtype_of
+from .base import shape_of
 
 ks = torch.ops.kernelstack
 PACK_META = "kernelstack_pack"  # node.meta key: the placeholder names whose tensors to lay out back to back

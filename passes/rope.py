@@ -6,13 +6,21 @@ same cos/sin nodes (q and k of one attention) become one op, so the kernel rotat
 """
 
 import operator
+
 from collections import defaultdict
 
 import torch
 
 from ksbackend.ops import rope as _rope_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, erase_unused, is_op, other_operand, shape_of, users_outside
+from .base import GraphPass
+from .base import arg
+from .base import describe
+from .base import erase_unused
+from .base import is_op
+from .base import other_operand
+from .base import shape_of
+from .base import users_outside
 
 ks = torch.ops.kernelstack
 

@@ -10,7 +10,12 @@ import torch
 
 from ksbackend.ops import paged_attention as _paged_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, describe, dtype_of, erase_unused, is_op, kernelstack_op
+from .base import GraphPass
+from .base import describe
+from .base import dtype_of
+from .base import erase_unused
+from .base import is_op
+from .base import kernelstack_op
 
 ks = torch.ops.kernelstack
 

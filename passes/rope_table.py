@@ -14,7 +14,11 @@ import torch
 
 from ksbackend.ops import rope as _rope_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, describe, erase_unused, is_op, shape_of
+from .base import GraphPass
+from .base import describe
+from .base import erase_unused
+from .base import is_op
+from .base import shape_of
 
 ks = torch.ops.kernelstack
 

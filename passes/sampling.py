@@ -20,7 +20,12 @@ import torch
 
 from ksbackend.ops import sampling as _sampling_ops  # noqa: F401  (registers the op)
 
-from .base import GraphPass, arg, describe, erase_unused, example_value, is_op
+from .base import GraphPass
+from .base import arg
+from .base import describe
+from .base import erase_unused
+from .base import example_value
+from .base import is_op
 
 ks = torch.ops.kernelstack
 _INF = float("inf")

@@ -2,8 +2,15 @@
 
 import torch
 
-from ksbackend.agreement import agreement_rate, divergences, first_divergences
-from ksbackend.models import COPY_PERIOD, build_model, copy_task_sequences, fit_copy_task, left_pad, tiny_config
+from ksbackend.agreement import agreement_rate
+from ksbackend.agreement import divergences
+from ksbackend.agreement import first_divergences
+from ksbackend.models import COPY_PERIOD
+from ksbackend.models import build_model
+from ksbackend.models import copy_task_sequences
+from ksbackend.models import fit_copy_task
+from ksbackend.models import left_pad
+from ksbackend.models import tiny_config
 
 
 def test_left_pad_matches_hf_layout():
@@ -50,7 +57,8 @@ def test_copy_task_is_periodic_and_learnable():
 
 def test_forced_accuracy_counts_top1_apart_at_near_ties():
     """A flipped near-tie lowers top-1 but not the decisive top-1; a flipped decisive position lowers both."""
-    from ksbackend.agreement import DECISIVE_GAP, forced_accuracy
+    from ksbackend.agreement import DECISIVE_GAP
+    from ksbackend.agreement import forced_accuracy
 
     logits = torch.randn(4, 50) * 0.01
     logits[:, 7] += 5.0  # every position decisive for token 7 ...

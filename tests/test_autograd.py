@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import ksbackend
-from ksbackend.models import FAMILIES, build_model, tiny_config
+
+from ksbackend.models import FAMILIES
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 from ksbackend.ops.paged_attention import paged_attention_reference
-from ksbackend.runtime.context import ForwardContext, forward_context
+from ksbackend.runtime.context import ForwardContext
+from ksbackend.runtime.context import forward_context
 from ksbackend.runtime.kv_pool import KVPool
 
 from .conftest import compile_fx
@@ -120,7 +124,8 @@ def test_act_and_mul_gradcheck(activation):
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cat_gradcheck_and_packed_weights(bias):
     """Gradients of the fused GEMM equal the separate linears'; packing changes no value."""
-    from ksbackend.ops.linear import adjacent_base, pack_adjacent
+    from ksbackend.ops.linear import adjacent_base
+    from ksbackend.ops.linear import pack_adjacent
 
     x = torch.randn(2, 3, 5, **F64)
     weights = [torch.randn(n, 5, **F64) for n in (4, 2, 3)]
@@ -138,7 +143,9 @@ def test_linear_cat_gradcheck_and_packed_weights(bias):
 def test_only_packed_parameter_groups_count_as_never_written():
     """Under PDL a GEMV reads a weight before waiting for the kernel before only if no kernel of a step can write
     it: a group ``pack_adjacent`` laid out, not any tensors that merely sit back to back."""
-    from ksbackend.ops.linear import adjacent_base, is_packed_parameter, pack_adjacent
+    from ksbackend.ops.linear import adjacent_base
+    from ksbackend.ops.linear import is_packed_parameter
+    from ksbackend.ops.linear import pack_adjacent
 
     params = [torch.nn.Parameter(torch.randn(n, 6)) for n in (3, 2)]
     assert pack_adjacent(params) and is_packed_parameter(adjacent_base(params))

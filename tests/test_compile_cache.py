@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import types
+
 from pathlib import Path
 
 import pytest
@@ -16,19 +17,19 @@ import torch
 
 import ksbackend
 import passes
+
 from ksbackend import compile_cache
-from ksbackend.compile_cache import (
-    ARTIFACTS,
-    KEY_FILE,
-    CacheStats,
-    CompileCache,
-    PrecompiledFunction,
-    cache_key,
-    model_signature,
-    progress,
-)
+from ksbackend.compile_cache import ARTIFACTS
+from ksbackend.compile_cache import KEY_FILE
+from ksbackend.compile_cache import CacheStats
+from ksbackend.compile_cache import CompileCache
+from ksbackend.compile_cache import PrecompiledFunction
+from ksbackend.compile_cache import cache_key
+from ksbackend.compile_cache import model_signature
+from ksbackend.compile_cache import progress
 from ksbackend.config import RuntimeOptions
-from ksbackend.models import build_model, tiny_config
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

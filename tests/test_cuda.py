@@ -7,7 +7,11 @@ import pytest
 import torch
 
 import ksbackend
-from ksbackend.agreement import agreement_rate, agreement_setup, divergences, first_divergences
+
+from ksbackend.agreement import agreement_rate
+from ksbackend.agreement import agreement_setup
+from ksbackend.agreement import divergences
+from ksbackend.agreement import first_divergences
 from ksbackend.ops.paged_attention import paged_attention_reference
 from ksbackend.runtime.kv_pool import KVPool
 
@@ -18,7 +22,8 @@ NEAR_TIE = 0.08  # fp32 logit gap, in logit standard deviations, below which bf1
 
 def run_steps(pool, attention, hq, steps, seed=0):
     """Prefill (ragged), a second chunk (paged prefill), then decode steps; returns all outputs."""
-    from ksbackend.runtime.context import ForwardContext, forward_context
+    from ksbackend.runtime.context import ForwardContext
+    from ksbackend.runtime.context import forward_context
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     outs = []
@@ -214,7 +219,9 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch, decode_kern
 @pytest.mark.parametrize("k", [576, 2048, 2100])
 def test_small_m_linear_under_pdl_is_bitwise_the_plain_launch(monkeypatch, k):
     """K below one slice, one slice, and a tail: the weights read before the wait feed the same sums."""
-    from ksbackend.kernels.small_m_linear import TILE_BY_NAME, WIDE_TILES, small_m_linear_triton
+    from ksbackend.kernels.small_m_linear import TILE_BY_NAME
+    from ksbackend.kernels.small_m_linear import WIDE_TILES
+    from ksbackend.kernels.small_m_linear import small_m_linear_triton
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
@@ -260,7 +267,8 @@ def test_fused_linear_ops_at_llama_1b_shapes_match_the_two_ops(rows, monkeypatch
 
 def small_real_model(name="llama-3.2-1b", layers=4):
     """A real model's layer shapes (head size, GQA group, vocabulary) with fewer layers: fast to build and run."""
-    from ksbackend.models import build_model, real_config
+    from ksbackend.models import build_model
+    from ksbackend.models import real_config
 
     model = build_model(real_config(name, num_hidden_layers=layers), dtype=torch.bfloat16, device="cuda")
     model.generation_config.eos_token_id = None
@@ -304,7 +312,8 @@ def test_teacher_forced_accuracy_is_within_hf_bf16s_own(weights):
     own (mean KL within 1.2x; top-1 within 2 points where fp32's choice is decisive, a near-tie's argmax being luck:
     on random weights a GEMM choice flipped 6 of 256 near-ties on an H100); fp8 KV's figures are printed for
     docs/benchmarks.md."""
-    from ksbackend.agreement import kernelstack_forced, teacher_forced
+    from ksbackend.agreement import kernelstack_forced
+    from ksbackend.agreement import teacher_forced
     from ksbackend.models import left_pad
 
     if weights == "random":

@@ -2,15 +2,17 @@
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+from transformers.generation.logits_process import MinPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper
 
 import ksbackend
-from ksbackend.models import FAMILIES, build_model, tiny_config
+
+from ksbackend.models import FAMILIES
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 from ksbackend.runtime.kv_pool import KVPoolExhausted
 
 from .conftest import ragged_batch

@@ -7,11 +7,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+
+from transformers import StoppingCriteria
+from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import ksbackend
-from ksbackend.models import build_model, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 
 from .conftest import ragged_batch
 

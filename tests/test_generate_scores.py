@@ -6,18 +6,22 @@ import copy
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+from transformers import LogitsProcessorList
+from transformers import StoppingCriteria
+from transformers import StoppingCriteriaList
+from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper
 
 import ksbackend
-from ksbackend.models import build_model, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 
 from .conftest import ragged_batch
-from .test_generate_features import FX, fast_and_hf
+from .test_generate_features import FX
+from .test_generate_features import fast_and_hf
 
 OUTPUTS = [dict(output_scores=True), dict(output_logits=True), dict(output_scores=True, output_logits=True)]
 

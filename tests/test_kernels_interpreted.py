@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import ksbackend  # noqa: F401
+
 from ksbackend.ops.activation import act_and_mul_reference
 from ksbackend.ops.norm import rms_norm_reference
 from ksbackend.ops.rope import rotate_half
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from ksbackend.kernels.sampler import _divide, _survivors  # noqa: E402
+from ksbackend.kernels.sampler import _divide  # noqa: E402
+from ksbackend.kernels.sampler import _survivors  # noqa: E402
 
 ks = torch.ops.kernelstack
 CPU_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,7 +57,8 @@ def test_generated_rms_norm(rows, hidden, dtype, gemma):
 @pytest.mark.parametrize("fused", [False, True])
 def test_generated_act_and_mul(activation, dtype, shape, fused):
     """Separate tensors, and (fused) the two halves of one gate_up output: strided rows, read in place."""
-    from ksbackend.kernels.act_and_mul import act_and_mul_triton, as_rows
+    from ksbackend.kernels.act_and_mul import act_and_mul_triton
+    from ksbackend.kernels.act_and_mul import as_rows
 
     dev = device_for_test()
     if fused:
@@ -232,7 +235,9 @@ def test_generated_kernels_are_cached_by_chain_structure():
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bias):
     """Every tile the shape choice may pick, at shapes no tile divides, against F.linear (fp32 accumulation both)."""
-    from ksbackend.kernels.small_m_linear import TILE_BY_NAME, candidate_names, small_m_linear_triton
+    from ksbackend.kernels.small_m_linear import TILE_BY_NAME
+    from ksbackend.kernels.small_m_linear import candidate_names
+    from ksbackend.kernels.small_m_linear import small_m_linear_triton
 
     dev = device_for_test()
     x, w = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev) / k**0.5
@@ -246,7 +251,11 @@ def test_small_m_linear_kernel_equals_f_linear_for_every_tile(m, n, k, dtype, bi
 
 def prologue_case(kind, m, k, dtype, dev):
     """(x2d, Prologue, what the GEMV's input must be: the unfused op's output) for one prologue kind."""
-    from ksbackend.kernels.small_m_linear import ACT_MUL, ACTIVATIONS, PLAIN, RMS_NORM, Prologue
+    from ksbackend.kernels.small_m_linear import ACT_MUL
+    from ksbackend.kernels.small_m_linear import ACTIVATIONS
+    from ksbackend.kernels.small_m_linear import PLAIN
+    from ksbackend.kernels.small_m_linear import RMS_NORM
+    from ksbackend.kernels.small_m_linear import Prologue
 
     x = torch.randn(m, 2 * k, dtype=dtype, device=dev)[:, :k]  # a row stride that is not K, as a gate half has
     aux = torch.randn(m, 2 * k, dtype=dtype, device=dev)[:, k:]
@@ -272,7 +281,9 @@ def prologue_case(kind, m, k, dtype, dev):
 def test_small_m_linear_prologue_equals_the_producer_then_the_linear(kind, m, n, k, dtype):
     """The GEMV that computes its own input (a norm, with the residual sum stored once; act(gate) * up) gives what
     the producer's op followed by F.linear gives, for every tile, at K no block divides."""
-    from ksbackend.kernels.small_m_linear import TILE_BY_NAME, candidate_names, small_m_linear_triton
+    from ksbackend.kernels.small_m_linear import TILE_BY_NAME
+    from ksbackend.kernels.small_m_linear import candidate_names
+    from ksbackend.kernels.small_m_linear import small_m_linear_triton
 
     dev = device_for_test()
     x, prologue, produced = prologue_case(kind, m, k, dtype, dev)
@@ -296,6 +307,7 @@ def test_fused_linear_ops_on_cuda_run_the_prologue_only_where_the_gemv_won(fused
     tile chosen for the shape, one GEMV launch computes the producer too; with cuBLAS chosen, the producer's kernel
     and then the linear. Both against the op's reference, and the residual sum alike."""
     import ksbackend.kernels as kernels
+
     from ksbackend.kernels import small_m_linear
 
     dev = device_for_test()
@@ -432,7 +444,8 @@ def test_on_cuda_linear_cat_times_each_shape_once_and_keeps_the_winner():
 def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_dtype, window_left):
     """Ragged lengths (1, a page boundary, long ones split and merged in the kernel), shuffled pages, a sliding
     window, fp8 K/V with scales; called twice, so the merge counters must have reset themselves."""
-    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace, decode_attention_triton
+    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace
+    from ksbackend.kernels.decode_attention import decode_attention_triton
     from ksbackend.ops.paged_attention import decode_attention_reference
     from ksbackend.runtime.kv_pool import KVPool
     from ksbackend.runtime.metadata import DecodeMetadata
@@ -466,7 +479,9 @@ def test_triton_decode_attention_equals_the_dense_reference(hq, hk, d, page, kv_
 def test_triton_decode_attention_at_its_own_token_block_over_long_rows(splits):
     """The kernel's own block (128 tokens at these head sizes): rows of several loop steps, and with 4 splits rows
     long enough for the in-kernel merge (256 tokens a split at least), against the dense reference."""
-    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace, decode_attention_triton, token_block
+    from ksbackend.kernels.decode_attention import TritonDecodeWorkspace
+    from ksbackend.kernels.decode_attention import decode_attention_triton
+    from ksbackend.kernels.decode_attention import token_block
     from ksbackend.ops.paged_attention import decode_attention_reference
     from ksbackend.runtime.kv_pool import KVPool
     from ksbackend.runtime.metadata import DecodeMetadata

@@ -3,11 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from ksbackend.ops.paged_attention import paged_attention_reference
-from ksbackend.runtime.kv_pool import KVPool, KVPoolExhausted, PageAllocator
+from ksbackend.runtime.kv_pool import KVPool
+from ksbackend.runtime.kv_pool import KVPoolExhausted
+from ksbackend.runtime.kv_pool import PageAllocator
 from ksbackend.runtime.metadata import build_batch_metadata
 
 
@@ -119,7 +123,8 @@ def test_decode_reference_reads_the_page_table_like_the_prefill_reference(window
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_paged_attention_is_rope_then_paged_attention(dtype):
     """Given the fp32 table, the fused op rounds it to q's dtype first, as HF's cos.to(x.dtype) before rope."""
-    from ksbackend.runtime.context import ForwardContext, forward_context
+    from ksbackend.runtime.context import ForwardContext
+    from ksbackend.runtime.context import forward_context
 
     pools = [KVPool(1, 2, 8, 64, 4, dtype, "cpu") for _ in range(2)]
     q, k = torch.randn(1, 4, 5, 8, dtype=dtype), torch.randn(1, 2, 5, 8, dtype=dtype)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ksbackend  # noqa: F401
+
 from ksbackend.ops.rope import rotate_half
 
 ks = torch.ops.kernelstack

@@ -5,10 +5,15 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+
+from transformers import DynamicCache
+from transformers import StaticCache
 
 import ksbackend
-from ksbackend.models import FAMILIES, build_model, tiny_config
+
+from ksbackend.models import FAMILIES
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 
 from .conftest import compile_fx
 

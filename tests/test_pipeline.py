@@ -9,7 +9,9 @@ import torch
 
 import ksbackend
 import passes
-from ksbackend.models import build_model, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
 from passes.base import is_op
 
 from .conftest import compile_fx
@@ -233,8 +235,10 @@ def test_rope_table_in_the_transformers_517_form():
 
 
 def test_a_runtime_decision_reaches_the_models_report_and_the_global_one():
-    from ksbackend.backend import record_event, recording_into
-    from ksbackend.report import GLOBAL, Recorder
+    from ksbackend.backend import record_event
+    from ksbackend.backend import recording_into
+    from ksbackend.report import GLOBAL
+    from ksbackend.report import Recorder
 
     mine = Recorder()
     with recording_into(mine):

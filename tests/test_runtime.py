@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from ksbackend.runtime.kv_pool import KVPool
-from ksbackend.runtime.model_runner import ModelRunner, NewRow, RowParams
+from ksbackend.runtime.model_runner import ModelRunner
+from ksbackend.runtime.model_runner import NewRow
+from ksbackend.runtime.model_runner import RowParams
 
 
 def runner_with_rows(lengths):
@@ -62,7 +64,8 @@ def test_a_missing_flashinfer_is_an_unsupported_attention_not_a_crash(monkeypatc
     ``optimize`` answers with the reference attention and a report line naming the package to install."""
     import sys
 
-    from ksbackend.runtime.flashinfer_attention import FlashInferAttention, UnsupportedAttention
+    from ksbackend.runtime.flashinfer_attention import FlashInferAttention
+    from ksbackend.runtime.flashinfer_attention import UnsupportedAttention
 
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # what an absent package does to ``import flashinfer``
     pool = KVPool(2, 2, 64, 8, 16, torch.bfloat16, "cpu")

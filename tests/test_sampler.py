@@ -11,16 +11,18 @@ import os
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+from transformers.generation.logits_process import MinPLogitsWarper
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper
 
 import ksbackend  # noqa: F401
-from ksbackend.ops.sampling import SamplingParams, penalized_logits, sampling_mask
+
+from ksbackend.ops.sampling import SamplingParams
+from ksbackend.ops.sampling import penalized_logits
+from ksbackend.ops.sampling import sampling_mask
 
 SMALL = {"chunk": 64, "kmax": 8, "slots": 16}
 IMPLS = ["reference", "triton"]

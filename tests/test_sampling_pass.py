@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+from transformers.generation.logits_process import MinPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper
 
 import ksbackend
 

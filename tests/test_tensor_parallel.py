@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +27,10 @@ import torch.distributed as dist
 import transformers
 
 import ksbackend
-from ksbackend.models import build_model, left_pad, tiny_config
+
+from ksbackend.models import build_model
+from ksbackend.models import left_pad
+from ksbackend.models import tiny_config
 from passes import GraphPass
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +197,8 @@ class _GraphProbe(GraphPass):
 
     def run(self, gm, result):
         from ksbackend.distributed import collective_ops
-        from passes.base import kernelstack_op, shape_of
+        from passes.base import kernelstack_op
+        from passes.base import shape_of
 
         self.collectives.append(collective_ops(gm))
         self.attention_shapes += [(shape_of(n.args[0]), shape_of(n.args[1])) for n in gm.graph.nodes

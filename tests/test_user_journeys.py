@@ -18,9 +18,13 @@ import transformers
 
 import ksbackend
 import ksbackend.hf
-from ksbackend.models import FAMILIES, build_model, tiny_config
 
-from .conftest import compile_fx, ragged_batch
+from ksbackend.models import FAMILIES
+from ksbackend.models import build_model
+from ksbackend.models import tiny_config
+
+from .conftest import compile_fx
+from .conftest import ragged_batch
 
 FX = {"backend_options": {"executor": "fx"}}
 

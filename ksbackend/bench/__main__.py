@@ -27,7 +27,12 @@ SECTIONS = ("generate", "overhead", "attention", "kernels", "agreement", "baseli
 
 
 def main(argv=None):
-    from . import agreement, attention, generate, kernels, overhead, startup
+    from . import agreement
+    from . import attention
+    from . import generate
+    from . import kernels
+    from . import overhead
+    from . import startup
     from .common import copy_bandwidth
 
     argv = sys.argv[1:] if argv is None else argv

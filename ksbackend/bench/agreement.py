@@ -13,7 +13,11 @@ NEW_TOKENS = 64
 
 def greedy(out):
     import ksbackend
-    from ksbackend.agreement import agreement_rate, agreement_setup, divergences, first_divergences
+
+    from ksbackend.agreement import agreement_rate
+    from ksbackend.agreement import agreement_setup
+    from ksbackend.agreement import divergences
+    from ksbackend.agreement import first_divergences
     from ksbackend.hf import _AttentionImplementation
 
     def rows():
@@ -55,9 +59,13 @@ def greedy(out):
 def teacher_forced(out, model_names=("llama-3.2-1b",)):
     """Along HF's own greedy sequences: mean KL(fp32 || system) and top-1 agreement with fp32."""
     import ksbackend
-    from ksbackend.agreement import agreement_setup, kernelstack_forced
+
+    from ksbackend.agreement import agreement_setup
+    from ksbackend.agreement import kernelstack_forced
     from ksbackend.agreement import teacher_forced as forced
-    from ksbackend.models import build_model, left_pad, real_config
+    from ksbackend.models import build_model
+    from ksbackend.models import left_pad
+    from ksbackend.models import real_config
 
     def setups():
         for name in model_names:

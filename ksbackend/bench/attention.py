@@ -3,7 +3,8 @@ measured table behind ``decode_kernel="auto"`` (batch x context x head size, per
 
 import torch
 
-from .common import bench_us, table
+from .common import bench_us
+from .common import table
 
 HQ, HKV, D = 32, 8, 128
 
@@ -12,7 +13,8 @@ def decode_us(lens, hq, hkv, d, kv_dtype, decode_kernel, page=None):
     """Time one layer's decode over contexts ``lens`` (random K/V, the same draw for every kernel);
     returns (microseconds, output). Pages default to what ``ksbackend.optimize`` uses."""
     from ksbackend.config import RuntimeOptions
-    from ksbackend.runtime.context import ForwardContext, forward_context
+    from ksbackend.runtime.context import ForwardContext
+    from ksbackend.runtime.context import forward_context
     from ksbackend.runtime.flashinfer_attention import FlashInferAttention
     from ksbackend.runtime.kv_pool import KVPool
 

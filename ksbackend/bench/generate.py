@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from .common import table, wall
+from .common import table
+from .common import wall
 
 SHORT, LONG = 16, 144  # decode-only time per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
 # The issue's side-by-side: HF's two ways, kernelstack, and kernelstack with one layer off at a time. The rest are
@@ -42,7 +43,8 @@ def load(name):
     """A model by the benchmark's name (real shapes, random weights) or a local checkpoint directory."""
     from transformers import AutoModelForCausalLM
 
-    from ksbackend.models import build_model, real_config
+    from ksbackend.models import build_model
+    from ksbackend.models import real_config
 
     if os.path.isdir(name):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16).to("cuda").eval()
@@ -99,7 +101,9 @@ def decode_bytes(model, lengths, step):
 def replay_alone(model, lengths, steps=64):
     """The captured decode graph replayed back to back over a live batch of ``lengths``-token sequences:
     ms per replay, kernels per replay and their summed time (profiler)."""
-    from ksbackend.runtime.model_runner import NewRow, RowParams, Selection
+    from ksbackend.runtime.model_runner import NewRow
+    from ksbackend.runtime.model_runner import RowParams
+    from ksbackend.runtime.model_runner import Selection
 
     engine = model._kernelstack_engine
     runner = engine.runner

@@ -3,7 +3,8 @@ add+RMSNorm, RoPE on q and k, SiLU*mul, the fused sampler, and the small-M GEMV 
 
 import torch
 
-from .common import bench_us, table
+from .common import bench_us
+from .common import table
 
 BF16 = dict(device="cuda", dtype=torch.bfloat16)
 
@@ -91,7 +92,10 @@ def sampler(bw, out):
     """Temperature 0.7, top-k 50, top-p 0.9 over Llama-3's vocabulary, fp32 logits: HF's warper chain as
     torch ops, FlashInfer's fused sampler, kernelstack's (inside a CUDA graph, as decode runs it)."""
     import flashinfer
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+    from transformers.generation.logits_process import TopKLogitsWarper
+    from transformers.generation.logits_process import TopPLogitsWarper
 
     from ksbackend.ops.sampling import SamplingParams
 
@@ -127,7 +131,8 @@ def sampler(bw, out):
 def sampler_launches(bw, out):
     """The fused sampler split into its two launches (profiler), at the default launch shape and the sweep's
     alternatives: where its time goes, by batch size."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
 
     from ksbackend.kernels.sampler import sample_triton
     from ksbackend.ops.sampling import SamplingParams
@@ -173,7 +178,8 @@ PROJECTIONS = [("Llama-3.2-1B", "qkv", 3072, 2048), ("Llama-3.2-1B", "gate_up", 
 def small_m_gemm(bw, out):
     """cuBLAS against the Triton GEMV tiles at decode shapes, calls back to back over weight copies that outgrow the
     L2 (as in a decode step): the measurement ``linear_cat`` repeats per shape to pick its kernel."""
-    from ksbackend.kernels.small_m_linear import candidate_names, time_candidates
+    from ksbackend.kernels.small_m_linear import candidate_names
+    from ksbackend.kernels.small_m_linear import time_candidates
 
     def rows():
         for model, proj, n, k in PROJECTIONS:

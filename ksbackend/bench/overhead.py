@@ -11,8 +11,11 @@ Every part is measured in this run, the same way for every system:
 
 import torch
 
-from .common import table, wall
-from .generate import load, measure, scenario_prompts
+from .common import table
+from .common import wall
+from .generate import load
+from .generate import measure
+from .generate import scenario_prompts
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STATIC_BATCHES = (1, 4, 16, 64, 256)  # HF static + compile compiles per batch size: fewer points

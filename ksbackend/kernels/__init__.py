@@ -78,7 +78,8 @@ def _rope_paged_attention(q, k, v, cos, sin, layer, scale, window_left):
 
 def _packed(weights, biases):
     """The one weight and bias of a linear_cat, and whether no kernel of a step writes the weight."""
-    from ..ops.linear import is_packed_parameter, packed_weight
+    from ..ops.linear import is_packed_parameter
+    from ..ops.linear import packed_weight
 
     # only a packed parameter group is never written during a step; a concatenated copy (weights not back to back)
     # or any other tensor may be, and a GEMV under PDL must not read it before the wait
@@ -94,7 +95,10 @@ def _linear_cat(x, weights, biases):
 
 
 def _add_rms_norm_linear(x, residual, norm_weight, eps, weight_offset, cast_to, norm_dtype, weights, biases):
-    from .small_m_linear import RMS_NORM, Prologue, fused_tile, small_m_linear_triton
+    from .small_m_linear import RMS_NORM
+    from .small_m_linear import Prologue
+    from .small_m_linear import fused_tile
+    from .small_m_linear import small_m_linear_triton
 
     weight, bias, static = _packed(weights, biases)
     x2d = x.reshape(-1, x.shape[-1])
@@ -121,7 +125,11 @@ def _rms_norm_linear(x, norm_weight, eps, weight_offset, cast_to, norm_dtype, we
 
 def _act_and_mul_linear(gate, up, activation, weights, biases):
     from .act_and_mul import as_rows
-    from .small_m_linear import ACT_MUL, ACTIVATIONS, Prologue, fused_tile, small_m_linear_triton
+    from .small_m_linear import ACT_MUL
+    from .small_m_linear import ACTIVATIONS
+    from .small_m_linear import Prologue
+    from .small_m_linear import fused_tile
+    from .small_m_linear import small_m_linear_triton
 
     weight, bias, static = _packed(weights, biases)
     gate2d, up2d = as_rows(gate), as_rows(up)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..ops import activation as activation_ops
-from . import gemv_prologue_enabled, pdl
+from . import gemv_prologue_enabled
+from . import pdl
 
 log = logging.getLogger("ksbackend")
 

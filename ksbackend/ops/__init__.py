@@ -7,7 +7,14 @@ replaced chain computed. CUDA implementations (Triton kernels, FlashInfer) are r
 the same contracts, so a rewrite that is right on CPU is checked against the same reference on GPU.
 """
 
-from . import activation, attention, fused_linear, linear, norm, paged_attention, rope, sampling  # noqa: F401
+from . import activation  # noqa: F401
+from . import attention  # noqa: F401
+from . import fused_linear  # noqa: F401
+from . import linear  # noqa: F401
+from . import norm  # noqa: F401
+from . import paged_attention  # noqa: F401
+from . import rope  # noqa: F401
+from . import sampling  # noqa: F401
 
 # What runs each op on a device other than the CPU reference; kernels add themselves here when they
 # register a CUDA implementation, so the explain report tells the truth about what ran where.

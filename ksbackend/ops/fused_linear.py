@@ -12,9 +12,13 @@ from typing import Optional
 
 import torch
 
-from .activation import act_and_mul_grads, act_and_mul_reference
-from .linear import linear_cat_grads, linear_cat_reference, linear_cat_shape
-from .norm import rms_norm_grads, rms_norm_reference
+from .activation import act_and_mul_grads
+from .activation import act_and_mul_reference
+from .linear import linear_cat_grads
+from .linear import linear_cat_reference
+from .linear import linear_cat_shape
+from .norm import rms_norm_grads
+from .norm import rms_norm_reference
 
 
 @torch.library.custom_op("kernelstack::rms_norm_linear", mutates_args=())

@@ -11,7 +11,8 @@ Every per-row parameter is a device tensor, and randomness comes from a counter-
 CUDA graph too). So a fixed seed reproduces a run, and changing a parameter never recompiles or re-captures anything.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from dataclasses import fields
 
 import torch
 

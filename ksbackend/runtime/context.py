@@ -3,6 +3,7 @@ runtime around each forward call and read by the op. Nothing per-step is baked i
 
 import contextlib
 import threading
+
 from dataclasses import dataclass
 from typing import Any
 

@@ -10,11 +10,14 @@ The pool owns the K/V write: ``write`` scatters a step's K/V into their slots, q
 fixed per-layer scales when the pool is fp8 (set once, from the model, never from the traffic).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import torch
 
-from .metadata import BatchMetadata, DecodeMetadata, build_batch_metadata
+from .metadata import BatchMetadata
+from .metadata import DecodeMetadata
+from .metadata import build_batch_metadata
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

@@ -21,13 +21,16 @@ import collections
 import contextlib
 import dataclasses
 import logging
+
 from dataclasses import dataclass
 
 import torch
 
-from .context import ForwardContext, forward_context
+from .context import ForwardContext
+from .context import forward_context
 from .cuda_graphs import CudaGraphRunner
-from .metadata import DecodeMetadata, decode_step_metadata
+from .metadata import DecodeMetadata
+from .metadata import decode_step_metadata
 
 log = logging.getLogger("ksbackend")
 

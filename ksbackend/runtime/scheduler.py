@@ -20,11 +20,15 @@ step t of every row is the runner's t-th recorded step (``why_not_together`` say
 
 import collections
 import time
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass
+from dataclasses import field
 
 import torch
 
-from .model_runner import NewRow, RowParams, Selection
+from .model_runner import NewRow
+from .model_runner import RowParams
+from .model_runner import Selection
 
 
 @dataclass
