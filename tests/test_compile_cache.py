@@ -307,11 +307,9 @@ def test_a_second_process_reuses_the_compile(cold):
     assert elsewhere["hit"] and elsewhere["graphs_compiled"] == 0 and elsewhere["graphs_from_cache"] >= 2
 
 
-@pytest.mark.slow
-def test_editing_a_pass_source_invalidates_the_cache(cold):
-    """A real edit of passes/activation.py (a copy first on the path): a new key, and Inductor compiles the
-    graphs the edit changed instead of reusing the old code."""
-    tmp, first = cold
+def edited_passes(tmp):
+    """A copy of ``passes/`` under ``tmp`` whose activation pass really changed (it fuses nothing), to put first on
+    a process's path; its folder."""
     edited = tmp / "edited"
     shutil.copytree(ROOT / "passes", edited / "passes", ignore=shutil.ignore_patterns("__pycache__"))
     source = (edited / "passes" / "activation.py").read_text()
@@ -319,8 +317,15 @@ def test_editing_a_pass_source_invalidates_the_cache(cold):
                          count=1)
     assert n == 1, "ActivationMulPass.run not found"
     (edited / "passes" / "activation.py").write_text(changed)
+    return edited
 
-    stats = first_generate(tmp, "inductor", pythonpath=edited)["stats"]
+
+@pytest.mark.slow
+def test_editing_a_pass_source_invalidates_the_cache(cold):
+    """A real edit of passes/activation.py (a copy first on the path): a new key, and Inductor compiles the
+    graphs the edit changed instead of reusing the old code."""
+    tmp, first = cold
+    stats = first_generate(tmp, "inductor", pythonpath=edited_passes(tmp))["stats"]
     assert stats["key"] != first["stats"]["key"] and not stats["hit"] and stats["graphs_compiled"] >= 1
     old, new = (json.loads((tmp / "ks" / s["key"] / KEY_FILE).read_text())["passes"] for s in (first["stats"], stats))
     assert [p for p in old if p not in new] == [p for p in old if p[0] == "act_and_mul"]
@@ -482,10 +487,10 @@ print(json.dumps({"stats": dataclasses.asdict(cache.stats), "sums": sums, "entri
 """
 
 
-def fresh_process(script, tmp):
-    """Run ``script`` in a new interpreter with its caches under ``tmp`` (the same ones on every call); the JSON
-    it printed last."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # (where FlashInfer may live)
+def fresh_process(script, tmp, pythonpath=ROOT):
+    """Run ``script`` in a new interpreter with its caches under ``tmp`` (the same ones on every call) and
+    ``pythonpath`` first on its path; the JSON it printed last."""
+    path = os.pathsep.join(filter(None, [str(pythonpath), str(ROOT), os.environ.get("PYTHONPATH")]))  # (FlashInfer)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), KERNELSTACK_CACHE_DIR=str(tmp / "ks"),
                KERNELSTACK_PROGRESS="0", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp, env=env, capture_output=True,
@@ -545,8 +550,8 @@ def from_cold(traced_cold, tmp_path):
 
 @pytest.mark.slow
 def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path, traced_cold):
-    """``optimize(model)`` with its default trace cache, end to end: the second process loads prefill and decode whole, compiles
-    nothing, says so in the explain report, and generates the same tokens."""
+    """``optimize(model)`` with its default trace cache, end to end: the second process loads prefill and decode
+    whole, compiles nothing, says so in the explain report, and generates the same tokens."""
     first = from_cold(traced_cold, tmp_path)
     second = fresh_process(TRACED_GENERATE, tmp_path)
     assert first["same"] and first["stats"]["graphs_compiled"] == 2
@@ -554,6 +559,17 @@ def test_trace_cache_lets_a_second_process_generate_without_tracing(tmp_path, tr
     assert second["stats"]["graphs_precompiled"] == 2 and second["stats"]["graphs_compiled"] == 0
     assert "loaded whole from the compile cache" in second["report"]
     assert second["tokens"] == first["tokens"]
+
+
+@pytest.mark.slow
+def test_editing_a_pass_source_leaves_the_stored_traces_unused(tmp_path, traced_cold):
+    """The default mode too: a process whose pass source changed has a new key, traces and compiles its graphs,
+    and never loads the traces stored under the old source."""
+    first = from_cold(traced_cold, tmp_path)
+    second = fresh_process(TRACED_GENERATE, tmp_path, pythonpath=edited_passes(tmp_path))
+    assert second["stats"]["key"] != first["stats"]["key"] and not second["stats"]["hit"]
+    assert second["stats"]["graphs_precompiled"] == 0 and second["stats"]["graphs_compiled"] == 2
+    assert "kernelstack::act_and_mul" not in second["report"] and "loaded whole" not in second["report"]
 
 
 TRACED_CHANGED = """
