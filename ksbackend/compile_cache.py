@@ -449,6 +449,12 @@ def _serializable_guards(guards) -> list:
             for g in guards]
 
 
+def _of_this_process(exc: Exception) -> bool:
+    """Whether a failed store says something of this process only (out of memory: a larger KV pool, another
+    model on the GPU), not of the function: later processes, whatever their pool, should try again."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+
+
 def _unmarked(value):
     """``value``, or for a tensor that mark_dynamic marked, an alias without the marks (see ``_DIM_MARKINGS``)."""
     if isinstance(value, torch.Tensor) and any(hasattr(value, name) for name in _DIM_MARKINGS):
@@ -567,6 +573,8 @@ class PrecompiledFunction:
             log.warning("kernelstack compile cache: %s; plain torch.compile serves %s in this process", self.off,
                         self.name)
         usable = sum(e.function is not None for e in self.entries)
+        if self.off is not None and self._loaded and not usable:  # nothing stored serves this process
+            return self.fallback(*args)
         plain = tuple(map(_unmarked, args))
         with _hub_kernel_wrappers_off(self.hub_wrapped):
             entry = self._entry_for(plain, args)
@@ -675,7 +683,8 @@ class PrecompiledFunction:
                 function = compiled.aot_compile((args, {}))
         except Exception as exc:  # noqa: BLE001 - e.g. a graph break: plain torch.compile serves it
             forget_graphs([report for report, _ in observed])  # the fallback compiles (and reports) them again
-            self._turn_off(f"aot_compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            self._turn_off(f"aot_compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}",
+                           remember=not _of_this_process(exc))
             return None
         modules = traced_modules(function, self.model)
         entry = _Entry(function, {}, [], modules)  # its graphs' reports are recorded already (the backend ran here)
@@ -694,11 +703,12 @@ class PrecompiledFunction:
         self._store()
         return entry
 
-    def _turn_off(self, reason: str) -> None:
+    def _turn_off(self, reason: str, remember: bool = True) -> None:
         self.off = self.cache.stats.precompile_off = f"{self.name}: {reason}"
         log.warning("kernelstack compile cache: %s; plain torch.compile serves %s's other calls", self.off,
                     self.name)
-        self._store()  # with the reason, so that later processes do not try again
+        if remember:
+            self._store()  # with the reason, so that later processes do not try again
 
     def _store(self) -> None:
         entries = [e.stored for e in self.entries if e.stored]

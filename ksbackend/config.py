@@ -115,10 +115,10 @@ class RuntimeOptions:
         opts.validate()
         return opts
 
-    # What only the runtime around the compiled graphs reads (the pool's size, batching, CUDA-graph replay, the
-    # decode kernel the attention op dispatches to each step): a change in these reuses the compiled graphs.
+    # What only the runtime around the compiled graphs reads (the pool's size, batching, CUDA-graph replay, which
+    # attention implementation the opaque attention op dispatches to each step): a change reuses the graphs.
     RUNTIME_ONLY = ("max_kv_tokens", "kv_memory_fraction", "max_batch_size", "max_prefill_tokens", "decode_buckets",
-                    "cuda_graphs", "decode_kernel")
+                    "cuda_graphs", "decode_kernel", "attention")
 
     def graph_options(self) -> dict:
         """The options the compile cache's key holds: those that can change what is compiled."""

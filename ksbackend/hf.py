@@ -111,7 +111,8 @@ def optimize(model, **options):
     """Make ``model.generate()`` run through kernelstack (paged KV pool, ragged batches, compiled forward).
 
     Options (see ``RuntimeOptions``): page_size, max_kv_tokens, kv_memory_fraction, kv_cache_dtype,
-    max_batch_size, max_prefill_tokens, decode_buckets, cuda_graphs, decode_kernel, backend_options.
+    max_batch_size, max_prefill_tokens, decode_buckets, cuda_graphs, decode_kernel, attention, compile_cache,
+    trace_cache, backend_options.
     Returns the same model object.
     """
     opts = RuntimeOptions.from_options(options)
