@@ -182,14 +182,19 @@ def test_a_custom_op_first_met_deep_in_the_graph_is_named_not_printed(monkeypatc
     exponentially with depth (2 layers: 12M characters; 3 layers: 172M, 48 s; 4 layers: over 10 minutes). torch
     2.11 builds the string always; 2.13 only when its log is on, as here."""
     from torch._inductor import config as inductor_config
+    from torch._inductor.lowering import lowerings
 
     monkeypatch.setenv("KERNELSTACK_GEMV_PROLOGUE", "1")
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # lowered here, not loaded from an earlier run
+    # Inductor makes (and logs) an op's implicit fallback once per process: an earlier test in this worker may
+    # have lowered the op already
+    monkeypatch.delitem(lowerings, torch.ops.kernelstack.add_rms_norm.default, raising=False)
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     graph_log = logging.getLogger("torch._inductor.graph")  # torch's loggers do not propagate to caplog's
-    monkeypatch.setattr(graph_log, "level", logging.INFO)
+    level = graph_log.level
+    graph_log.setLevel(logging.INFO)  # (setLevel clears the cached answers of an earlier test's log calls)
     graph_log.addHandler(handler)
     model = build_model(tiny_config("llama"))  # 2 layers: enough to tell a name from a printed tree
     ids = torch.randint(3, 256, (1, 9))
@@ -199,6 +204,7 @@ def test_a_custom_op_first_met_deep_in_the_graph_is_named_not_printed(monkeypatc
             out = torch.compile(model, backend="kernelstack")(ids).logits
     finally:
         graph_log.removeHandler(handler)
+        graph_log.setLevel(level)
     fallbacks = [m for m in messages if "implicit fallback" in m]
     assert any("add_rms_norm.default" in m for m in fallbacks)  # the deep first encounter happened
     assert max(map(len, fallbacks)) < 2000
