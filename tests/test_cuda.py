@@ -357,9 +357,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "tokens": out.tolist()
 @pytest.mark.parametrize("mode", ["artifacts", "traces"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_a_second_process_on_the_gpu_loads_the_compile_and_generates_the_same_tokens(tmp_path, family, mode):
-    """The compile cache on the GPU, in both of its modes: the second process compiles nothing (the default mode
-    takes both graphs from Inductor's artifacts; ``trace_cache`` loads them whole) and generates the first's tokens
-    bit for bit (the same kernels, the GEMM choices the first measured)."""
+    """The compile cache on the GPU, in both of its modes: the second process compiles nothing (by default it loads
+    both traced graphs whole; with ``trace_cache=False`` it takes them from Inductor's artifacts) and generates the
+    first's tokens bit for bit (the same kernels, the GEMM choices the first measured)."""
     from tests.test_compile_cache import fresh_process
 
     script = CACHED_GENERATE_CUDA.replace("sys.argv[1:3]", repr([family, mode]))
