@@ -554,14 +554,56 @@ def _old_objects_set_aside():
         gc.unfreeze()
 
 
+@contextlib.contextmanager
 def _no_size_one_specialization():
     """Dynamo specialises dynamic dimensions of size 0 and 1 (a batch of one, a one-token prompt) into
     graphs of their own; size-oblivious symbols keep one graph per path instead."""
     from torch.fx.experimental import _config
 
     if not hasattr(_config, "backed_size_oblivious"):
-        return contextlib.nullcontext()
-    return _config.patch(backed_size_oblivious=True)
+        yield
+        return
+    with _config.patch(backed_size_oblivious=True), _size_oblivious_view_strides():
+        yield
+
+
+_VIEW_STRIDES_LOCK = threading.Lock()
+_view_strides_users = 0
+
+
+@contextlib.contextmanager
+def _size_oblivious_view_strides():
+    """Inductor lowers a view of a strided tensor (q/k/v sliced from the fused projection, then split into heads;
+    ``x[0]`` of HF's transposed K/V) through ``fake_impls._compute_stride``, which it runs size-obliviously only
+    for unbacked symbols. For the backed token count it asks ``s != 1``, and the decode graph gets a ``2 <= s``
+    guard: batch 1 and batch 2+ compiled twice (15-17 s each on an H100). Under ``backed_size_oblivious`` Inductor
+    answers every other such question as for unbacked symbols, and so does this: the strides of the general case,
+    which are also right at s = 1, where a size-1 dimension's stride is never used. Where torch has no such
+    function, the second compile stays."""
+    global _view_strides_users
+    import inspect
+
+    from torch._subclasses import fake_impls
+
+    original = getattr(fake_impls, "_compute_stride", None)
+    if original is None or "size_oblivious" not in inspect.signature(original).parameters:
+        yield
+        return
+    with _VIEW_STRIDES_LOCK:  # one patch for every thread inside, undone by the last one out
+        if _view_strides_users == 0:
+            fake_impls._compute_stride = functools.partial(_view_strides_size_obliviously, original)
+        _view_strides_users += 1
+    try:
+        yield
+    finally:
+        with _VIEW_STRIDES_LOCK:
+            _view_strides_users -= 1
+            if _view_strides_users == 0:
+                fake_impls._compute_stride = original
+
+
+def _view_strides_size_obliviously(compute_stride, old_shape, old_stride, new_shape, size_oblivious=False):
+    return compute_stride(old_shape, old_stride, new_shape, size_oblivious=True)
 
 
 def _labelled(compiled, path, recorder):
