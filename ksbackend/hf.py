@@ -568,7 +568,7 @@ def _no_size_one_specialization():
 
 
 _VIEW_STRIDES_LOCK = threading.Lock()
-_view_strides_users = 0
+_view_strides = {"users": 0, "original": None}  # under the lock: callers inside, and the function set aside
 
 
 @contextlib.contextmanager
@@ -579,30 +579,31 @@ def _size_oblivious_view_strides():
     guard: batch 1 and batch 2+ compiled twice (15-17 s each on an H100). Under ``backed_size_oblivious`` Inductor
     answers every other such question as for unbacked symbols, and so does this: the strides of the general case,
     which are also right at s = 1, where a size-1 dimension's stride is never used. Where torch has no such
-    function, the second compile stays."""
-    global _view_strides_users
-    import inspect
-
+    function, the second compile stays. One patch serves every thread inside; the last one out undoes it."""
     from torch._subclasses import fake_impls
 
-    original = getattr(fake_impls, "_compute_stride", None)
-    if original is None or "size_oblivious" not in inspect.signature(original).parameters:
-        yield
-        return
-    with _VIEW_STRIDES_LOCK:  # one patch for every thread inside, undone by the last one out
-        if _view_strides_users == 0:
-            fake_impls._compute_stride = functools.partial(_view_strides_size_obliviously, original)
-        _view_strides_users += 1
+    with _VIEW_STRIDES_LOCK:
+        if _view_strides["users"] == 0 and _takes_size_oblivious(getattr(fake_impls, "_compute_stride", None)):
+            _view_strides["original"] = fake_impls._compute_stride
+            fake_impls._compute_stride = functools.partial(_strides_size_obliviously, fake_impls._compute_stride)
+        _view_strides["users"] += 1
     try:
         yield
     finally:
         with _VIEW_STRIDES_LOCK:
-            _view_strides_users -= 1
-            if _view_strides_users == 0:
-                fake_impls._compute_stride = original
+            _view_strides["users"] -= 1
+            if _view_strides["users"] == 0 and _view_strides["original"] is not None:
+                fake_impls._compute_stride, _view_strides["original"] = _view_strides["original"], None
 
 
-def _view_strides_size_obliviously(compute_stride, old_shape, old_stride, new_shape, size_oblivious=False):
+@functools.cache
+def _takes_size_oblivious(compute_stride) -> bool:
+    import inspect
+
+    return compute_stride is not None and "size_oblivious" in inspect.signature(compute_stride).parameters
+
+
+def _strides_size_obliviously(compute_stride, old_shape, old_stride, new_shape, size_oblivious=False):
     return compute_stride(old_shape, old_stride, new_shape, size_oblivious=True)
 
 

@@ -56,6 +56,49 @@ def test_inductor_serves_one_token_and_many_from_one_graph_per_path(family):
     assert [g.purpose for g in report.graphs] == ["prefill", "decode"], report
 
 
+def test_the_size_oblivious_view_strides_are_undone_by_the_last_thread_out():
+    """Threads compiling at once share one patch of torch's stride function; none leaves it patched, nested or not.
+    Inside kernelstack's compile scope a view of a sliced tensor gets the strides torch gives, with no guard on
+    the token count (torch alone guards ``s != 1`` there, even with backed_size_oblivious on)."""
+    import threading
+
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses import fake_impls
+    from torch.fx.experimental import _config
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from ksbackend.hf import _no_size_one_specialization
+    from ksbackend.hf import _size_oblivious_view_strides
+
+    original = fake_impls._compute_stride
+    inside = threading.Barrier(4)
+    seen = []
+
+    def compile_in_a_thread():
+        with _size_oblivious_view_strides(), _size_oblivious_view_strides():
+            inside.wait()
+            seen.append(fake_impls._compute_stride is not original)
+
+    threads = [threading.Thread(target=compile_in_a_thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True] * 4 and fake_impls._compute_stride is original
+
+    def view_strides(scope):  # [1, s, 32] sliced from a [1, s, 128] row -> [1, s, 2, 16], s of any size
+        env = ShapeEnv()
+        s = env.create_symintnode(env.create_symbol(5, ConstantSource("tokens"), do_not_specialize_zero_one=True),
+                                   hint=5)
+        with scope():
+            strides = fake_impls._compute_stride([1, s, 32], [128 * s, 128, 1], [1, s, 2, 16])
+        return [str(x).replace(str(s), "s") for x in strides], [str(g.expr) for g in env.guards]
+
+    with_patch, guards = view_strides(_no_size_one_specialization)
+    without, torch_guards = view_strides(lambda: _config.patch(backed_size_oblivious=True))
+    assert with_patch == without == ["128*s", "128", "16", "1"] and not guards and torch_guards
+
+
 def hf_and_kernelstack_inductor(family, calls, **gen):
     model = build_model(tiny_config(family))
     batches = [ragged_batch(lengths) for lengths in calls]
