@@ -557,7 +557,8 @@ def _old_objects_set_aside():
 @contextlib.contextmanager
 def _no_size_one_specialization():
     """Dynamo specialises dynamic dimensions of size 0 and 1 (a batch of one, a one-token prompt) into
-    graphs of their own; size-oblivious symbols keep one graph per path instead."""
+    graphs of their own; size-oblivious symbols keep one graph per path instead, with Inductor's view strides
+    computed the same way (``_size_oblivious_view_strides``)."""
     from torch.fx.experimental import _config
 
     if not hasattr(_config, "backed_size_oblivious"):

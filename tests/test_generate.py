@@ -20,11 +20,11 @@ from .conftest import ragged_batch
 FX = {"backend_options": {"executor": "fx"}}
 
 
-def hf_and_kernelstack(family, calls, **gen):
+def hf_and_kernelstack(family, calls, options=FX, **gen):
     model = build_model(tiny_config(family))
     batches = [ragged_batch(lengths) for lengths in calls]
     refs = [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
-    ksbackend.optimize(model, **FX)
+    ksbackend.optimize(model, **options)
     outs = [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
     return model, refs, outs
 
@@ -49,7 +49,7 @@ def test_inductor_serves_one_token_and_many_from_one_graph_per_path(family):
     one-token prompt) compiled each path again: 15-17 s per model on an H100. Qwen3 also views q/k for its
     per-head norms. The graphs compiled at 3 rows serve 1 and 2 rows, with HF's tokens."""
     calls = [[6, 4, 9], [1], [7, 2]]  # prefill 19, 1 and 9 tokens; decode 3, 1 and 2 rows
-    model, refs, outs = hf_and_kernelstack_inductor(family, calls, max_new_tokens=6, do_sample=False)
+    model, refs, outs = hf_and_kernelstack(family, calls, options={}, max_new_tokens=6, do_sample=False)
     for ref, out in zip(refs, outs):
         assert torch.equal(ref, out)
     report = ksbackend.explain(model)
@@ -97,14 +97,6 @@ def test_the_size_oblivious_view_strides_are_undone_by_the_last_thread_out():
     with_patch, guards = view_strides(_no_size_one_specialization)
     without, torch_guards = view_strides(lambda: _config.patch(backed_size_oblivious=True))
     assert with_patch == without == ["128*s", "128", "16", "1"] and not guards and torch_guards
-
-
-def hf_and_kernelstack_inductor(family, calls, **gen):
-    model = build_model(tiny_config(family))
-    batches = [ragged_batch(lengths) for lengths in calls]
-    refs = [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
-    ksbackend.optimize(model)
-    return model, refs, [model.generate(ids, attention_mask=mask, pad_token_id=0, **gen) for ids, mask in batches]
 
 
 def test_eos_stops_sequences_and_pads_like_hf():
