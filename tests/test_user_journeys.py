@@ -6,9 +6,11 @@ import collections
 import copy
 import logging
 import pathlib
+import random
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 
@@ -263,7 +265,7 @@ def test_bench_compiles_each_system_once_for_all_batch_sizes(monkeypatch):
     monkeypatch.setattr(generate, "scenario_prompts", prompts)
     monkeypatch.setattr(generate, "SHORT", 2)
     monkeypatch.setattr(generate, "LONG", 6)
-    for name in ("reset_peak_memory_stats", "empty_cache"):
+    for name in ("reset_peak_memory_stats", "empty_cache", "get_device_name"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
     results, spent = [], {}
@@ -391,3 +393,54 @@ def test_a_dropped_model_frees_its_kv_pool_before_the_next_model_sizes_its_own()
         assert kept() is None
     finally:
         gc.enable()
+
+
+def test_bench_runs_models_on_several_gpus_one_process_each(monkeypatch, tmp_path):
+    """With several GPUs the whole benchmark takes about as long as its slowest model: one child process per model,
+    never two on one GPU, the parent's GPU list honoured, rows back in the asked order, and a child that fails is
+    reported without losing the others."""
+    import json
+
+    from ksbackend.bench import generate
+
+    started, live, most = [], set(), [0]
+
+    class Child:
+        def __init__(self, command, stdout, stderr, env):
+            self.model = command[command.index("--model") + 1]
+            self.json = command[command.index("--json") + 1]
+            self.device = env["CUDA_VISIBLE_DEVICES"]
+            assert self.device not in live and command[command.index("--gpus") + 1] == "1"
+            live.add(self.device)
+            most[0] = max(most[0], len(live))
+            started.append((self.model, self.device, command.count("--batch")))
+            self.polls = random.randint(1, 3)
+
+        def poll(self):
+            self.polls -= 1
+            if self.polls > 0:
+                return None
+            live.discard(self.device)
+            if self.model == "broken":
+                self.returncode = 1
+                return 1
+            rows = [dict(model=self.model, batch=b, scenario=f"{b} / 128", copy_bandwidth=3e12, systems={})
+                    for b in (1, 32)]
+            with open(self.json, "w") as f:
+                json.dump(dict(copy_bandwidth=3e12, spent={"hf-eager": 2.0}, results=rows), f)
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr(generate.time, "sleep", lambda s: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = []
+    models = ["a", "b", "broken", "c", "d"]
+    results, spent, per_model = generate.run_on_gpus(out, models, [1, 32], ["hf-eager"], gpus=2)
+    assert most[0] == 2 and {device for _, device, _ in started} == {"3", "5"}
+    assert [m for m, _, _ in started] == models and all(n == 2 for _, _, n in started)
+    assert [(r["model"], r["batch"]) for r in results] == [(m, b) for m in "abcd" for b in (1, 32)]
+    assert spent == {"hf-eager": 8.0}
+    assert "broken failed on GPU" in "".join(out) and "broken" in per_model and "d " in per_model

@@ -4,6 +4,7 @@ Results, with the commands that made them: docs/benchmarks.md.
 
     python -m ksbackend.bench generate                          # Llama-3.2-1B, batch 1 and 32, the six systems
     python -m ksbackend.bench generate --model all              # the whole benchmark: every model below
+                                                                # (on several GPUs, one model per GPU at once)
     python -m ksbackend.bench generate --systems kernelstack,xqa-decode   # a developer's A/B (--systems all)
     python -m ksbackend.bench generate --model llama-3.1-8b --model /path/to/checkpoint --batch 1 --batch 64
     python -m ksbackend.bench overhead --png docs/overhead.png   # decode step split, batch 1..256
@@ -46,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--systems", default=",".join(generate.DEFAULT_SYSTEMS),
                         help=f"generate: comma-separated, from {','.join(generate.SYSTEMS)}, or all "
                              f"(default: {','.join(generate.DEFAULT_SYSTEMS)})")
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count(),
+                        help="generate: models run in parallel, one process per GPU, on this many GPUs "
+                             "(default: every visible GPU; 1 runs them one after another in this process)")
     parser.add_argument("--out", help="also write the markdown tables here")
     parser.add_argument("--json", help="generate: also write every measurement as JSON here")
     parser.add_argument("--cache", action="append", choices=startup.MODES,
@@ -69,7 +73,7 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(generate.SYSTEMS)} or all")
         models = [m for name in args.model or ["llama-3.2-1b"] for m in (generate.MODELS if name == "all" else [name])]
-        generate.run(bw, out, models, args.batch or [1, 32], systems, args.json)
+        generate.run(bw, out, models, args.batch or [1, 32], systems, args.json, args.gpus)
     if "overhead" in chosen:
         overhead.run(bw, out, png=args.png)
     if "attention" in chosen:

@@ -169,7 +169,8 @@ def run_model(bw, out, results, name, batches, systems, spent):
         label = f"{batch} / {'ragged 64..1024' if ragged else '128'}"
         scenarios.append(dict(ids=ids, mask=mask, lengths=lengths, label=label, reference=None,
                               row=dict(model=name, batch=batch, scenario=label, weights_bytes=weights,
-                                       step_bytes=decode_bytes(model, lengths, LONG // 2), systems={})))
+                                       step_bytes=decode_bytes(model, lengths, LONG // 2), copy_bandwidth=bw,
+                                       device=torch.cuda.get_device_name(), systems={})))
     for system in systems:
         extra = dict(cache_implementation="static") if system == "hf-static" else {}
         if system == "kernelstack-sampling":
@@ -245,10 +246,10 @@ def _summary(m):
                      if k not in ("report", "replay"))
 
 
-def tables(bw, out, results):
+def tables(out, results):
     def main_rows():
         for r in results:
-            s = r["systems"]
+            s, bw = r["systems"], r["copy_bandwidth"]
             base = s.get("kernelstack")
             for system, m in s.items():
                 if m is None:
@@ -328,22 +329,81 @@ def baseline_check(out, name="llama-3.2-1b"):
     print(out[-1], flush=True)
 
 
-def run(bw, out, models, batches, systems, json_path=None):
-    results, spent = [], {}
+def run(bw, out, models, batches, systems, json_path=None, gpus=1):
+    """Every model, in this process, or with ``gpus`` > 1 one process per model on a GPU of its own."""
     start = time.perf_counter()
-    for name in models:
-        run_model(bw, out, results, name, batches, systems, spent)
-    tables(bw, out, results)
+    if gpus > 1 and len(models) > 1:
+        results, spent, per_model = run_on_gpus(out, models, batches, systems, gpus)
+    else:
+        results, spent, per_model = [], {}, ""
+        for name in models:
+            run_model(bw, out, results, name, batches, systems, spent)
+    tables(out, results)
     out.append(f"\nGenerate section: {time.perf_counter() - start:.0f} s for {len(models)} models x {len(batches)} "
-               f"batch sizes x {len(systems)} systems. By system (compiles, captures and timed calls): "
+               f"batch sizes x {len(systems)} systems{per_model}. By system (compiles, captures and timed calls"
+               + (", summed over the GPUs" if per_model else "") + "): "
                + ", ".join(f"{key} {seconds:.0f} s" for key, seconds in spent.items()) + ".")
     print(out[-1], flush=True)
     if json_path:
         import json
 
         with open(json_path, "w") as f:
-            json.dump(dict(copy_bandwidth=bw, results=_jsonable(results)), f, indent=1)
+            json.dump(dict(copy_bandwidth=bw, spent=spent, results=_jsonable(results)), f, indent=1)
     return results
+
+
+def run_on_gpus(out, models, batches, systems, gpus):
+    """Each model in a process of its own on a GPU of its own, up to ``gpus`` at once, the next model taking the
+    first GPU freed. A model's systems still share one process and one GPU, so its ratios keep their meaning; the
+    whole benchmark then takes about as long as its slowest model instead of the sum (most of a cold run is HF
+    static's own compiles, one per batch size, which nothing in one process can overlap).
+    Returns (rows in ``models`` order, seconds per system summed, the per-model wall times as a sentence)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",")[:gpus] if visible else [str(i) for i in range(gpus)]
+    workdir = tempfile.mkdtemp(prefix="ksbench-")
+    torch.cuda.empty_cache()  # this process's cached blocks (the bandwidth test's 2 GiB) would sit on a child's GPU
+    print(f"{len(models)} models over GPUs {','.join(devices)}, one process each; logs in {workdir}", flush=True)
+    pending, running, walls, spent, by_model = list(enumerate(models)), {}, {}, {}, {}
+    while pending or running:
+        for device in [d for d in devices if d not in running][:len(pending)]:
+            index, name = pending.pop(0)
+            stem = os.path.join(workdir, f"{index}-{os.path.basename(name.rstrip('/'))}")
+            command = [sys.executable, "-m", "ksbackend.bench", "generate", "--gpus", "1", "--model", name,
+                       "--systems", ",".join(systems), "--json", stem + ".json"]
+            command += [arg for b in batches for arg in ("--batch", str(b))]
+            with open(stem + ".log", "w") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=device))
+            running[device] = (process, index, name, stem, time.perf_counter())
+            print(f"{name}: started on GPU {device}", flush=True)
+        time.sleep(0.5)
+        for device, (process, index, name, stem, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[device]
+            walls[name] = time.perf_counter() - started
+            try:
+                with open(stem + ".json") as f:
+                    done = json.load(f)
+            except (OSError, ValueError):
+                with open(stem + ".log") as f:
+                    tail = f.read()[-2000:]
+                out.append(f"\n{name} failed on GPU {device} (exit {process.returncode}); the end of {stem}.log:\n"
+                           f"```\n{tail}\n```")
+                print(out[-1], flush=True)
+                continue
+            by_model[index] = done["results"]
+            for key, seconds in done["spent"].items():
+                spent[key] = spent.get(key, 0.0) + seconds
+            print(f"{name}: done on GPU {device} in {walls[name]:.0f} s", flush=True)
+    results = [row for index in sorted(by_model) for row in by_model[index]]
+    per_model = ", in parallel (" + ", ".join(f"{name} {walls[name]:.0f} s" for name in models if name in walls) + ")"
+    return results, spent, per_model
 
 
 def _jsonable(value):
