@@ -444,3 +444,31 @@ def test_bench_runs_models_on_several_gpus_one_process_each(monkeypatch, tmp_pat
     assert [(r["model"], r["batch"]) for r in results] == [(m, b) for m in "abcd" for b in (1, 32)]
     assert spent == {"hf-eager": 8.0}
     assert "broken failed on GPU" in "".join(out) and "broken" in per_model and "d " in per_model
+
+
+def test_bench_compiles_hf_static_for_each_batch_size_as_a_fresh_process_would():
+    """HF's compile leaves ``dynamic`` to Dynamo: the second scenario in one process (its static cache longer) would get
+    a dynamic-shape graph, and Dynamo's on-disk profile would pass that to later runs, so the batch-32 baseline would
+    depend on what ran before it. The bench compiles each scenario static, as a process running only it would."""
+    from ksbackend.bench.generate import _fresh_compile
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
+        graphs.append(any(isinstance(s, torch.SymInt) for v in values
+                          for s in (v.shape if isinstance(v, torch.Tensor) else [v])))
+        return gm.forward
+
+    compiled = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, backend=backend)
+    for length in (272, 1168):  # HF's static cache length follows the prompt: 128 + 144, then 1024 + 144
+        compiled(torch.randn(2, length))
+    assert graphs == [False, True]  # what the second scenario gets without the bench's care
+    for length in (272, 1168):
+        with _fresh_compile("hf-static"):
+            compiled(torch.randn(2, length))
+            assert not torch._dynamo.config.automatic_dynamic_local_pgo
+    assert graphs == [False, True, False, False]
+    with _fresh_compile("kernelstack"):  # other systems compile as they always do
+        compiled(torch.randn(2, 64))
+    assert graphs == [False, True, False, False, False] and torch._dynamo.config.automatic_dynamic_local_pgo

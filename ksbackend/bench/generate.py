@@ -183,7 +183,8 @@ def run_model(bw, out, results, name, batches, systems, spent):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    m, output = measure(model, sc["ids"], sc["mask"], **extra)
+                    with _fresh_compile(system):
+                        m, output = measure(model, sc["ids"], sc["mask"], **extra)
                 except Exception as exc:  # one system failing must not hide the others
                     print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
                     measured[system] = None
@@ -210,6 +211,23 @@ def run_model(bw, out, results, name, batches, systems, spent):
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _fresh_compile(system):
+    """HF static compiles each batch size as a fresh process running only that batch size would: a static graph.
+    HF's compile config leaves ``dynamic`` to Dynamo, so in one process the second batch size would compile a
+    dynamic-shape graph, and Dynamo's on-disk profile (automatic-dynamic PGO) would carry that into later runs: the
+    baseline a scenario measured would depend on what ran before it."""
+    if system != "hf-static":
+        yield
+        return
+    torch.compiler.reset()  # (also frees the earlier batch size's CUDA graphs)
+    try:
+        with torch._dynamo.config.patch(automatic_dynamic_local_pgo=False):
+            yield
+    finally:
+        torch.compiler.reset()
 
 
 @contextlib.contextmanager
