@@ -446,6 +446,35 @@ def test_bench_runs_models_on_several_gpus_one_process_each(monkeypatch, tmp_pat
     assert "broken failed on GPU" in "".join(out) and "broken" in per_model and "d " in per_model
 
 
+def test_an_interrupted_multi_gpu_bench_leaves_no_child_running(monkeypatch, tmp_path):
+    from ksbackend.bench import generate
+
+    children = []
+
+    class Child:
+        def __init__(self, command, stdout, stderr, env):
+            self.killed = False
+            children.append(self)
+
+        def poll(self):
+            return None
+
+        def kill(self):
+            self.killed = True
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr(generate.time, "sleep", interrupted)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        generate.run_on_gpus([], ["a", "b", "c"], [1], ["hf-eager"], gpus=2)
+    assert len(children) == 2 and all(child.killed for child in children)
+
+
 def test_bench_compiles_hf_static_for_each_batch_size_as_a_fresh_process_would():
     """HF's compile leaves ``dynamic`` to Dynamo: the second scenario in one process (its static cache longer) would get
     a dynamic-shape graph, and Dynamo's on-disk profile would pass that to later runs, so the batch-32 baseline would

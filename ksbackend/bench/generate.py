@@ -387,40 +387,44 @@ def run_on_gpus(out, models, batches, systems, gpus):
     torch.cuda.empty_cache()  # this process's cached blocks (the bandwidth test's 2 GiB) would sit on a child's GPU
     print(f"{len(models)} models over GPUs {','.join(devices)}, one process each; logs in {workdir}", flush=True)
     pending, running, walls, spent, by_model = list(enumerate(models)), {}, {}, {}, {}
-    while pending or running:
-        for device in [d for d in devices if d not in running][:len(pending)]:
-            index, name = pending.pop(0)
-            stem = os.path.join(workdir, f"{index}-{os.path.basename(name.rstrip('/'))}")
-            command = [sys.executable, "-m", "ksbackend.bench", "generate", "--gpus", "1", "--model", name,
-                       "--systems", ",".join(systems), "--json", stem + ".json"]
-            command += [arg for b in batches for arg in ("--batch", str(b))]
-            with open(stem + ".log", "w") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=device))
-            running[device] = (process, index, name, stem, time.perf_counter())
-            print(f"{name}: started on GPU {device}", flush=True)
-        time.sleep(0.5)
-        for device, (process, index, name, stem, started) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[device]
-            walls[name] = time.perf_counter() - started
-            try:
-                with open(stem + ".json") as f:
-                    done = json.load(f)
-            except (OSError, ValueError):
-                with open(stem + ".log") as f:
-                    tail = f.read()[-2000:]
-                out.append(f"\n{name} failed on GPU {device} (exit {process.returncode}); the end of {stem}.log:\n"
-                           f"```\n{tail}\n```")
-                print(out[-1], flush=True)
-                continue
-            by_model[index] = done["results"]
-            for key, seconds in done["spent"].items():
-                spent[key] = spent.get(key, 0.0) + seconds
-            print(f"{name}: done on GPU {device} in {walls[name]:.0f} s", flush=True)
+    try:
+        while pending or running:
+            for device in [d for d in devices if d not in running][:len(pending)]:
+                index, name = pending.pop(0)
+                stem = os.path.join(workdir, f"{index}-{os.path.basename(name.rstrip('/'))}")
+                command = [sys.executable, "-m", "ksbackend.bench", "generate", "--gpus", "1", "--model", name,
+                           "--systems", ",".join(systems), "--json", stem + ".json"]
+                command += [arg for b in batches for arg in ("--batch", str(b))]
+                with open(stem + ".log", "w") as log:
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=device))
+                running[device] = (process, index, name, stem, time.perf_counter())
+                print(f"{name}: started on GPU {device}", flush=True)
+            time.sleep(0.5)
+            for device, (process, index, name, stem, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[device]
+                walls[index] = f"{name} {time.perf_counter() - started:.0f} s"
+                try:
+                    with open(stem + ".json") as f:
+                        done = json.load(f)
+                except (OSError, ValueError):
+                    with open(stem + ".log") as f:
+                        tail = f.read()[-2000:]
+                    out.append(f"\n{name} failed on GPU {device} (exit {process.returncode}); the end of {stem}.log:"
+                               f"\n```\n{tail}\n```")
+                    print(out[-1], flush=True)
+                    continue
+                by_model[index] = done["results"]
+                for key, seconds in done["spent"].items():
+                    spent[key] = spent.get(key, 0.0) + seconds
+                print(f"{name}: done on GPU {device}: {walls[index]}", flush=True)
+    finally:  # interrupted (a timeout, ^C): no child keeps a GPU busy after this process
+        for process, *_ in running.values():
+            process.kill()
     results = [row for index in sorted(by_model) for row in by_model[index]]
-    per_model = ", in parallel (" + ", ".join(f"{name} {walls[name]:.0f} s" for name in models if name in walls) + ")"
+    per_model = ", in parallel (" + ", ".join(walls[index] for index in sorted(walls)) + ")"
     return results, spent, per_model
 
 
