@@ -479,7 +479,7 @@ def test_bench_compiles_hf_static_for_each_batch_size_as_a_fresh_process_would()
     """HF's compile leaves ``dynamic`` to Dynamo: the second scenario in one process (its static cache longer) would get
     a dynamic-shape graph, and Dynamo's on-disk profile would pass that to later runs, so the batch-32 baseline would
     depend on what ran before it. The bench compiles each scenario static, as a process running only it would."""
-    from ksbackend.bench.generate import _fresh_compile
+    from ksbackend.bench.generate import fresh_compile
 
     graphs = []
 
@@ -494,10 +494,10 @@ def test_bench_compiles_hf_static_for_each_batch_size_as_a_fresh_process_would()
         compiled(torch.randn(2, length))
     assert graphs == [False, True]  # what the second scenario gets without the bench's care
     for length in (272, 1168):
-        with _fresh_compile("hf-static"):
+        with fresh_compile("hf-static"):
             compiled(torch.randn(2, length))
             assert not torch._dynamo.config.automatic_dynamic_local_pgo
     assert graphs == [False, True, False, False]
-    with _fresh_compile("kernelstack"):  # other systems compile as they always do
+    with fresh_compile("kernelstack"):  # other systems compile as they always do
         compiled(torch.randn(2, 64))
     assert graphs == [False, True, False, False, False] and torch._dynamo.config.automatic_dynamic_local_pgo

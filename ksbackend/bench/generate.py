@@ -183,7 +183,7 @@ def run_model(bw, out, results, name, batches, systems, spent):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    with _fresh_compile(system):
+                    with fresh_compile(system):
                         m, output = measure(model, sc["ids"], sc["mask"], **extra)
                 except Exception as exc:  # one system failing must not hide the others
                     print(f"{name} {label} {system}: failed: {type(exc).__name__}: {exc}", flush=True)
@@ -214,7 +214,7 @@ def run_model(bw, out, results, name, batches, systems, spent):
 
 
 @contextlib.contextmanager
-def _fresh_compile(system):
+def fresh_compile(system):
     """HF static compiles each batch size as a fresh process running only that batch size would: a static graph.
     HF's compile config leaves ``dynamic`` to Dynamo, so in one process the second batch size would compile a
     dynamic-shape graph, and Dynamo's on-disk profile (automatic-dynamic PGO) would carry that into later runs: the
