@@ -72,6 +72,8 @@ def main(argv=None):
         unknown = set(systems) - set(generate.SYSTEMS)
         if unknown:
             parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(generate.SYSTEMS)} or all")
+        if not 1 <= args.gpus <= torch.cuda.device_count():
+            parser.error(f"--gpus {args.gpus}: this machine shows {torch.cuda.device_count()} GPUs")
         models = [m for name in args.model or ["llama-3.2-1b"] for m in (generate.MODELS if name == "all" else [name])]
         generate.run(bw, out, models, args.batch or [1, 32], systems, args.json, args.gpus)
     if "overhead" in chosen:

@@ -215,14 +215,14 @@ def run_model(bw, out, results, name, batches, systems, spent):
 
 @contextlib.contextmanager
 def fresh_compile(system):
-    """HF static compiles each batch size as a fresh process running only that batch size would: a static graph.
-    HF's compile config leaves ``dynamic`` to Dynamo, so in one process the second batch size would compile a
-    dynamic-shape graph, and Dynamo's on-disk profile (automatic-dynamic PGO) would carry that into later runs: the
-    baseline a scenario measured would depend on what ran before it."""
+    """HF static compiles each scenario as a fresh process running only that scenario would: a static graph.
+    HF's compile config leaves ``dynamic`` to Dynamo, so in one process the second scenario (a new batch size and
+    static-cache length) would compile a dynamic-shape graph, and Dynamo's on-disk profile (automatic-dynamic PGO)
+    would carry that into later runs: the baseline a scenario measured would depend on what ran before it."""
     if system != "hf-static":
         yield
         return
-    torch.compiler.reset()  # (also frees the earlier batch size's CUDA graphs)
+    torch.compiler.reset()  # (also frees the earlier scenario's CUDA graphs)
     try:
         with torch._dynamo.config.patch(automatic_dynamic_local_pgo=False):
             yield
